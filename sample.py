@@ -1,0 +1,101 @@
+"""Generate text with a trained RNN: constant memory and compute per token, streamed as it goes.
+
+    python sample.py                                   # from out/rnn.pt: the RNN alone reads the prompt
+    python sample.py --prompt="ROMEO:" --num_tokens=300
+    python sample.py --prompt=FILE:prompt.txt --prime=teacher   # the teacher encoder primes the memory (needs ckpt.pt)
+"""
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import smt
+from data import StreamDecoder, UsageError, encode, parse_overrides, run_cli
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out"  # the training run's out_dir
+    prompt: str = "\n"  # the text to continue, or FILE:path to read it from a file
+    num_samples: int = 2
+    num_tokens: int = 400  # tokens generated per sample
+    temperature: float = 0.8  # < 1 sharper, > 1 more random
+    top_k: int = 40  # sample among the k most likely tokens; 0 = all
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    prime: str = "rnn"  # rnn: the RNN reads the prompt from m_empty (needs rnn.pt only) | teacher: encoder primes
+
+
+def load_model(cfg, device):
+    """The RNN (and, for teacher priming, the encoder) rebuilt from the checkpoint's plain config and tensors."""
+    name = "ckpt.pt" if cfg.prime == "teacher" else "rnn.pt"
+    path = Path(cfg.out_dir) / name
+    if not path.exists():
+        raise UsageError(f"no {name} in --out_dir={cfg.out_dir}: train first (python train.py --out_dir=...)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"cannot read {path} ({type(e).__name__}); it is damaged or not ours") from None
+    c = ckpt["config"]
+    if cfg.prime == "teacher" and c["method"] not in ("smt", "dmt"):
+        raise UsageError(f"--prime=teacher needs a teacher, but {cfg.out_dir} is a {c['method']} run: "
+                         "use --prime=rnn")
+    vocab_size = ckpt["model"]["rnn_embed.weight"].size(0)
+    model = smt.SMTModel(vocab_size, c["d_model"], c["n_heads"], c["mem_tokens"], c["encoder_depth"],
+                         c["decoder_depth"], c["rnn_depth"], c["context_len"], cell=c["cell"], encoder=c["encoder"],
+                         readout=c["readout"], with_encoder=cfg.prime == "teacher")
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt["meta"]
+
+
+def sampler(cfg, generator):
+    def sample(logits):
+        logits = logits.float() / max(cfg.temperature, 1e-6)
+        if cfg.top_k > 0:
+            kth = torch.topk(logits, min(cfg.top_k, logits.size(-1))).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+    return sample
+
+
+@torch.no_grad()
+def main(argv):
+    cfg = parse_overrides(SampleConfig(), argv)
+    if cfg.prime not in ("rnn", "teacher"):
+        raise UsageError(f"--prime must be rnn or teacher, not '{cfg.prime}'")
+    if cfg.num_samples <= 0 or cfg.num_tokens <= 0 or cfg.top_k < 0 or cfg.temperature <= 0:
+        raise UsageError("--num_samples, --num_tokens and --temperature must be positive, --top_k not negative")
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
+    prompt = cfg.prompt
+    if prompt.startswith("FILE:"):
+        path = Path(prompt[5:])
+        if not path.is_file():
+            raise UsageError(f"no prompt file {path}")
+        prompt = path.read_text(encoding="utf-8", errors="replace")
+    model, meta = load_model(cfg, device)
+    tokens = torch.tensor(encode(meta, prompt), dtype=torch.long, device=device)
+    if cfg.prime == "teacher" and tokens.numel() == 0:
+        raise UsageError("--prime=teacher needs a non-empty --prompt")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    sample = sampler(cfg, generator)
+    for i in range(cfg.num_samples):
+        if cfg.prime == "teacher":  # the teacher reads the last context_len tokens; the RNN goes on from there
+            memory = model.memories(tokens[None], torch.tensor([tokens.numel() - 1], device=device))[:, 0]
+            run = smt.rollout(model, memory, tokens[None, :0], sample=sample, num_new=cfg.num_tokens)
+        else:
+            run = smt.rollout(model, model.empty(1), tokens[None], sample=sample, num_new=cfg.num_tokens)
+        decoder = StreamDecoder(meta)
+        sys.stdout.write(prompt)
+        for step, (token, _) in enumerate(run):
+            if step >= tokens.numel() or cfg.prime == "teacher":
+                sys.stdout.write(decoder.push(token.item()))
+                sys.stdout.flush()
+        sys.stdout.write("\n" + ("-" * 40 + "\n" if i < cfg.num_samples - 1 else ""))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,178 @@
+"""The losses: SMT's one-step gradient path, BPTT against a hand-written loop, TBPTT's cut, DMT, and each loss
+falling when it overfits a tiny batch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import smt
+from conftest import tiny_cfg, tiny_model
+from model import CELLS, ENCODERS
+
+
+def record_cell_calls(model):
+    """Wraps the cell so every call's input memory and output memory are kept."""
+    calls = []
+    forward = model.cell.forward
+
+    def recording(m, e):
+        out = forward(m, e)
+        calls.append((m, out))
+        return out
+    model.cell.forward = recording
+    return calls
+
+
+def graph_nodes(tensor):
+    """Every autograd node the tensor's value was computed through."""
+    seen, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return seen
+
+
+def longest_cell_chain(calls):
+    """The most RNN steps any gradient path crosses: call j feeds call i if j's output is in i's input graph."""
+    depth = []
+    for i, (m_in, _) in enumerate(calls):
+        nodes = graph_nodes(m_in)
+        feeders = [depth[j] for j in range(i) if calls[j][1].grad_fn in nodes]
+        depth.append(1 + max(feeders, default=0))
+    return max(depth)
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_smt_gradient_crosses_one_rnn_step(encoder):
+    model = tiny_model(encoder=encoder)
+    calls = record_cell_calls(model)
+    x, y = torch.randint(0, 32, (2, 12)), torch.randint(0, 32, (2, 12))
+    loss, _ = smt.smt_loss(model, x, y, tiny_cfg(future_len=4))
+    loss.backward()
+    assert len(calls) == 1  # every transition in one batched step
+    assert longest_cell_chain(calls) == 1
+    assert model.encoder.registers.grad.abs().sum() > 0  # joint training: the encoder is shaped too
+    assert model.cell.body.blocks[0].mlp.up.weight.grad.abs().sum() > 0
+
+
+def test_chain_check_sees_bptt_chains():
+    """The check above can fail: on BPTT it finds the full unroll."""
+    model = tiny_model(with_encoder=False)
+    calls = record_cell_calls(model)
+    x = torch.randint(0, 32, (2, 9))
+    smt.bptt_loss(model, x, x, tiny_cfg(method="bptt"))
+    assert longest_cell_chain(calls) == 9
+
+
+def test_tbptt_cuts_every_window():
+    model = tiny_model(with_encoder=False)
+    calls = record_cell_calls(model)
+    x = torch.randint(0, 32, (2, 12))
+    smt.bptt_loss(model, x, x, tiny_cfg(method="tbptt", bptt_window=4))
+    assert longest_cell_chain(calls) == 4
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bptt_equals_hand_written_loop(cell):
+    model = tiny_model(cell=cell, with_encoder=False)
+    x, y = torch.randint(0, 32, (3, 7)), torch.randint(0, 32, (3, 7))
+    y[0, 2] = -1  # no target here
+    loss, _ = smt.bptt_loss(model, x, y, tiny_cfg(method="bptt"))
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+    m = model.m_empty / model.m_empty.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    m = m.expand(3, -1, -1)
+    total, count = 0.0, 0
+    for t in range(7):
+        m = model.cell(m, model.rnn_embed(x[:, t]))
+        logits = model.decoder(m)[:, 0]
+        for b in range(3):
+            if y[b, t] >= 0:
+                total = total + F.cross_entropy(logits[b: b + 1], y[b, t: t + 1])
+                count += 1
+    hand = total / count
+    hand_grads = torch.autograd.grad(hand, list(model.parameters()), allow_unused=True)
+    assert torch.allclose(loss, hand, atol=1e-5)
+    for g, h in zip(grads, hand_grads):
+        assert (g is None) == (h is None)
+        if g is not None:
+            assert torch.allclose(g, h, atol=1e-5)
+
+
+def test_decoder_inputs_and_targets_line_up():
+    """From m_t the decoder reads x_{t+1..t+F-1} and is scored on y_t..y_{t+F-1}; targets before the sequence start
+    (t = -1) or past its end are skipped. A fake decoder that outputs exactly y at the expected places gets 0."""
+    model = tiny_model()
+    x, y = torch.randint(0, 32, (2, 10)), torch.randint(0, 32, (2, 10))
+    pos, F_ = torch.tensor([-1, 3, 8]), 4
+    seen = {}
+
+    def fake_decoder(m, future):
+        seen["future"] = future
+        expected = y[:, (pos[:, None] + torch.arange(F_)).clamp(0, 9)].flatten(0, 1)  # (B * P, F)
+        return F.one_hot(expected, 32).float() * 50
+    model.decoder.forward = fake_decoder
+    loss, first = smt.decoder_loss(model, model.memories(x, pos), x, y, pos, F_, gamma=1.0)
+    assert loss.item() < 1e-6 and first.item() < 1e-6
+    future = seen["future"].view(2, 3, F_ - 1)
+    assert torch.equal(future[:, 0], x[:, 0:3]) and torch.equal(future[:, 1], x[:, 4:7])
+    assert torch.equal(future[:, 2, :1], x[:, 9:10])
+
+
+def overfit(loss_fn, model, cfg, x, y, steps=60, lr=3e-3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, _ = loss_fn(model, x, y, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("method", ["smt", "bptt", "tbptt"])
+def test_loss_falls_on_a_tiny_batch(method):
+    torch.manual_seed(0)
+    model = tiny_model(with_encoder=method == "smt")
+    x = torch.randint(0, 32, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    losses = overfit(smt.LOSSES[method], model, tiny_cfg(method=method, future_len=4, bptt_window=4), x, y)
+    assert losses[-1] < 0.6 * losses[0], losses[::10]
+
+
+def test_dmt_lowers_its_loss_and_trains_only_the_rnn():
+    torch.manual_seed(0)
+    model = tiny_model()
+    x = torch.randint(0, 32, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    cfg = tiny_cfg(method="dmt", future_len=4, dmt_steps=12, dmt_every=3)
+    overfit(smt.smt_loss, model, cfg, x, y, steps=30)
+    model.encoder.requires_grad_(False)
+    encoder_before = [p.clone() for p in model.encoder.parameters()]
+    losses = overfit(smt.dmt_loss, model, cfg, x, y, steps=60)
+    assert losses[-1] < 0.7 * losses[0], losses[::10]
+    assert all(torch.equal(a, b) for a, b in zip(encoder_before, model.encoder.parameters()))
+
+
+def test_evaluation_and_drift():
+    model = tiny_model()
+    x = torch.randint(0, 32, (2, 16))
+    y = torch.roll(x, -1, dims=1)
+    stats = smt.evaluate_rnn(model, x, y, context_len=8, primed=True)
+    assert set(stats) == {"rnn_bpb", "rnn_tail_bpb", "rnn_primed_bpb"}
+    assert all(0 < v < 10 for v in stats.values())
+    d = smt.drift(model, x)
+    assert len(d) == 16 and all(v >= 0 for v in d)
+
+
+def test_rollout_samples_with_constant_memory():
+    model = tiny_model(with_encoder=False)
+    steps = list(smt.rollout(model, model.empty(2), torch.randint(0, 32, (2, 3)),
+                             sample=lambda logits: logits.argmax(-1), num_new=5))
+    assert len(steps) == 8
+    assert all(m.shape == (2, 2, 16) for _, m in steps)
+    for (_, m), (tok, _) in zip(steps[2:], steps[3:]):  # each generated token is the readout's choice
+        assert torch.equal(tok, model.readout(m).argmax(-1))

@@ -1,0 +1,355 @@
+"""Train an RNN with Supervised Memory Training (or BPTT, truncated BPTT, DMT).
+
+    python train.py --method smt                      # SMT on the default dataset (Shakespeare, bytes)
+    python train.py --method bptt                     # the baseline: same cell and readout, backprop through time
+    python train.py --method dmt --init_from=out      # drift correction of an SMT run's RNN, into --out_dir
+    python train.py --init_from=resume                # continue the run in --out_dir
+
+Every knob is a field of Config below, with its default; set any with --key=value. On CUDA the defaults marked
+"cuda:" switch to the paper's shapes unless you set them. Writes out_dir/ckpt.pt (everything, for resuming),
+out_dir/rnn.pt (only what the RNN needs to generate) and out_dir/log.jsonl (one line per evaluation).
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import smt
+from data import Batches, UsageError, load_meta, parse_overrides, prepare, run_cli
+from model import CELLS, ENCODERS, READOUTS
+
+
+@dataclass
+class Config:
+    # run
+    method: str = "smt"  # smt | bptt | tbptt | dmt
+    dataset: str = "shakespeare"  # a built-in dataset or a path to a text file or folder
+    data_dir: str = "data"  # where prepared datasets are kept
+    out_dir: str = "out"  # ckpt.pt, rnn.pt and log.jsonl go here
+    init_from: str = "scratch"  # scratch | resume (continue out_dir) | for dmt: the out_dir of an SMT run
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
+    compile: bool = True  # torch.compile the networks on CUDA (never on CPU, where it does not pay off)
+    seed: int = 1337
+    # schedule and logging
+    max_iters: int = 3000  # cuda: 150000
+    time_budget: float = 0.0  # stop after this many seconds of training (0: no limit); evaluation at the end
+    eval_interval: int = 250  # cuda: 2000
+    eval_iters: int = 4  # held-out batches per evaluation
+    log_interval: int = 25
+    # optimisation
+    batch_size: int = 32  # cuda: 128
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # cuda: 3e-4 (dmt: 3e-5)
+    lr_schedule: str = "constant"  # constant | cosine (down to lr/10), both after a linear warmup (dmt: cosine)
+    warmup_iters: int = 100  # cuda: 1500 (1% of the run) (dmt: 15)
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    # model shapes (the RNN's memory holds mem_tokens x d_model numbers)
+    d_model: int = 64  # cuda: 256
+    n_heads: int = 4  # cuda: 8
+    mem_tokens: int = 4  # K; cuda: 16
+    encoder_depth: int = 2  # cuda: 8
+    decoder_depth: int = 2  # cuda: 4
+    rnn_depth: int = 2  # cuda: 8
+    cell: str = "transformer"  # the RNN cell: transformer | mlp | gru | lstm | elman
+    encoder: str = "causal"  # causal: all memories from one pass | window: the paper's one pass per memory
+    readout: str = "decoder"  # decoder: the teacher decoder's next-token head | linear: on the flat memory
+    # SMT
+    context_len: int = 64  # Tc: tokens a teacher memory may see; cuda: 256
+    future_len: int = 16  # Tf: tokens the decoder predicts from each memory; cuda: 64
+    positions: str = "all"  # transitions trained per sequence: all, or a number (1 = the released recipe)
+    dec_positions: int = 16  # of those, how many also get the decoder loss (the decoder costs Tf tokens each)
+    coef_dec: float = 1.0
+    coef_dyn: float = 0.1
+    coef_unif: float = 0.001
+    gamma: float = 1.0  # discount of the decoder loss k steps ahead
+    detach_target: bool = False  # True: the dynamics loss does not shape the encoder's target memory
+    freeze: str = "none"  # none | teacher (train the RNN only) | rnn (train the teacher only)
+    # BPTT
+    seq_len: int = 64  # unroll length; cuda: 256
+    bptt_window: int = 16  # tbptt: gradient cut every this many steps
+    # DMT
+    dmt_steps: int = 64  # Td: steps the RNN runs on its own memories; cuda: 256
+    dmt_every: int = 16  # k: a dynamics target every k steps
+    dmt_coef_dyn: float = 10.0
+    dmt_coef_unif: float = 0.01
+    dmt_coef_readout: float = 1.0  # readout CE on the RNN's own (detached) memory; 0 disables
+
+
+CUDA_DEFAULTS = dict(max_iters=150000, eval_interval=2000, batch_size=128, lr=3e-4, warmup_iters=1500, d_model=256,
+                     n_heads=8, mem_tokens=16, encoder_depth=8, decoder_depth=4, rnn_depth=8, context_len=256,
+                     future_len=64, seq_len=256, dmt_steps=256)
+DMT_DEFAULTS = dict(lr=3e-5, lr_schedule="cosine", max_iters=1500, warmup_iters=15)
+ARCH_KEYS = ("d_model", "n_heads", "mem_tokens", "encoder_depth", "decoder_depth", "rnn_depth", "cell", "encoder",
+             "readout", "context_len")
+METHODS = ("smt", "bptt", "tbptt", "dmt")
+
+
+def load_config(argv):
+    """Config from defaults, device- and method-specific defaults, then the command line (which wins)."""
+    cfg = parse_overrides(Config(), argv)
+    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    extra = dict(CUDA_DEFAULTS) if cfg.device.startswith("cuda") else {}
+    if cfg.method == "dmt":
+        extra.update(DMT_DEFAULTS)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in extra.items() if k not in given})
+    if cfg.dtype == "auto":
+        cfg.dtype = "bfloat16" if cfg.device.startswith("cuda") else "float32"
+    return cfg, given
+
+
+def check_config(cfg):
+    """One clear line for every setting that cannot work."""
+    def one_of(key, options):
+        if getattr(cfg, key) not in options:
+            raise UsageError(f"--{key} must be one of {', '.join(options)}, not '{getattr(cfg, key)}'")
+    one_of("method", METHODS)
+    one_of("cell", CELLS)
+    one_of("encoder", ENCODERS)
+    one_of("readout", READOUTS)
+    one_of("lr_schedule", ("constant", "cosine"))
+    one_of("freeze", ("none", "teacher", "rnn"))
+    one_of("dtype", ("float32", "bfloat16"))
+    for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum", "d_model",
+                "n_heads", "mem_tokens", "context_len", "future_len", "seq_len", "dec_positions", "bptt_window",
+                "dmt_every"):
+        if getattr(cfg, key) <= 0:
+            raise UsageError(f"--{key} must be positive, not {getattr(cfg, key)}")
+    for key in ("encoder_depth", "decoder_depth", "rnn_depth", "warmup_iters", "lr", "weight_decay", "grad_clip",
+                "time_budget", "coef_dec", "coef_dyn", "coef_unif", "gamma"):
+        if getattr(cfg, key) < 0:
+            raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")
+    if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
+        raise UsageError(f"--n_heads={cfg.n_heads} must divide --d_model={cfg.d_model} into an even head size")
+    if cfg.cell == "lstm" and cfg.mem_tokens % 2:
+        raise UsageError(f"--cell=lstm keeps h and c in halves of the memory: --mem_tokens must be even, "
+                         f"not {cfg.mem_tokens}")
+    if cfg.positions != "all" and not (cfg.positions.isdigit() and int(cfg.positions) > 0):
+        raise UsageError(f"--positions must be 'all' or a positive number, not '{cfg.positions}'")
+    if cfg.dmt_steps < 2:
+        raise UsageError(f"--dmt_steps must be at least 2, not {cfg.dmt_steps}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
+    if cfg.method == "dmt" and cfg.init_from == "scratch":
+        raise UsageError("--method=dmt refines a trained SMT run: pass --init_from=<its out_dir>")
+
+
+def train_len(cfg):
+    """Length of one training sequence."""
+    if cfg.method in ("bptt", "tbptt"):
+        return cfg.seq_len
+    if cfg.method == "dmt":
+        return max(cfg.dmt_steps + 1, cfg.context_len + cfg.future_len)
+    return cfg.context_len + cfg.future_len
+
+
+def lr_at(cfg, it):
+    """Linear warmup, then constant or cosine decay to lr/10."""
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / cfg.warmup_iters
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.lr / 10 + 0.5 * (cfg.lr - cfg.lr / 10) * (1 + math.cos(math.pi * progress))
+
+
+def build_model(cfg, vocab_size):
+    return smt.SMTModel(vocab_size, cfg.d_model, cfg.n_heads, cfg.mem_tokens, cfg.encoder_depth, cfg.decoder_depth,
+                        cfg.rnn_depth, cfg.context_len, cell=cfg.cell, encoder=cfg.encoder, readout=cfg.readout,
+                        with_encoder=cfg.method in ("smt", "dmt"))
+
+
+def load_checkpoint(path, what):
+    if not Path(path).exists():
+        raise UsageError(f"no checkpoint at {path}: {what}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupted or not a checkpoint at all
+        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not ours") from None
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, fsync, rename: a crash mid-write leaves the previous file intact."""
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def restore(cfg, given):
+    """For resume and dmt: the checkpoint to start from, with cfg's architecture taken from it."""
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", f"nothing to resume in --out_dir={cfg.out_dir}")
+        if ckpt["config"]["method"] != cfg.method:
+            raise UsageError(f"{cfg.out_dir}/ckpt.pt is a {ckpt['config']['method']} run, not {cfg.method}: "
+                             f"pass --method={ckpt['config']['method']} or another --out_dir")
+    else:
+        ckpt = load_checkpoint(Path(cfg.init_from) / "ckpt.pt", f"--init_from={cfg.init_from} must be the "
+                               "out_dir of an SMT run")
+        if ckpt["config"]["method"] not in ("smt", "dmt"):
+            raise UsageError(f"--init_from={cfg.init_from} is a {ckpt['config']['method']} run; DMT needs a "
+                             "teacher, from an SMT run")
+    for key in ARCH_KEYS:
+        if key in given and getattr(cfg, key) != ckpt["config"][key]:
+            raise UsageError(f"--{key}={getattr(cfg, key)} differs from the checkpoint's {ckpt['config'][key]}; "
+                             f"the architecture of a run cannot change")
+    arch = {k: ckpt["config"][k] for k in ARCH_KEYS}
+    if cfg.init_from != "resume" and "dataset" not in given:  # dmt refines on the SMT run's data
+        arch["dataset"] = ckpt["config"]["dataset"]
+    return dataclasses.replace(cfg, **arch), ckpt
+
+
+@torch.no_grad()
+def evaluate(model, cfg, batches, autocast):
+    """Held-out numbers: the RNN's own bits per byte (from empty; after teacher priming) and, for SMT, the teacher's
+    losses. Always the same val windows (a fixed generator), so evaluations compare."""
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sums = {}
+    for _ in range(cfg.eval_iters):
+        x, y = batches.get("val", seq_len=2 * cfg.context_len, generator=gen)
+        with autocast:
+            stats = smt.evaluate_rnn(model, x, y, cfg.context_len, primed=model.encoder is not None)
+            if model.encoder is not None:
+                L = cfg.context_len + cfg.future_len
+                stats.update(smt.smt_loss(model, x[:, :L], y[:, :L], cfg)[1])
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v / cfg.eval_iters
+    model.train()
+    return {("val_" + k): v for k, v in sums.items()}
+
+
+def main(argv):
+    cfg, given = load_config(argv)
+    check_config(cfg)
+    ckpt = None
+    if cfg.init_from != "scratch":
+        cfg, ckpt = restore(cfg, given)
+        check_config(cfg)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+    folder = prepare(cfg.dataset, cfg.data_dir)
+    meta = load_meta(folder)
+    vocab_size = meta["vocab_size"]
+    batches = Batches(folder, max(train_len(cfg), 2 * cfg.context_len), cfg.batch_size, cfg.seed, device=device)
+    L = train_len(cfg)
+
+    model = build_model(cfg, vocab_size).to(device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    if cfg.method == "dmt":
+        model.encoder.requires_grad_(False)
+    if cfg.freeze == "teacher" and model.encoder is not None:
+        model.encoder.requires_grad_(False)
+        model.decoder.requires_grad_(False)
+    if cfg.freeze == "rnn":
+        model.cell.requires_grad_(False)
+        model.rnn_embed.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    start_iter, elapsed_before = 0, 0.0
+    if ckpt is not None and cfg.init_from == "resume":
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_iter, elapsed_before = ckpt["iter"], ckpt["elapsed"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        batches.generator.set_state(ckpt["rng"]["batches"])
+    if cfg.compile and device.type == "cuda":
+        for part in (model.encoder, model.decoder, model.cell):
+            if part is not None:
+                part.compile()
+    loss_fn = smt.LOSSES[cfg.method]
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{cfg.method} on {cfg.dataset} ({folder}), {cfg.device} {cfg.dtype}, {n_params / 1e6:.2f}M parameters, "
+          f"memory {cfg.mem_tokens}x{cfg.d_model}, sequences of {L}, batch {cfg.batch_size}x{cfg.grad_accum}",
+          flush=True)
+
+    def checkpoint(it, elapsed):
+        state = dict(config=dataclasses.asdict(cfg), model=model.state_dict(), optimizer=optimizer.state_dict(),
+                     iter=it, elapsed=elapsed, meta=meta,
+                     rng=dict(torch=torch.get_rng_state(), batches=batches.generator.get_state()))
+        save_atomic(state, out / "ckpt.pt")
+        save_atomic(dict(config=dataclasses.asdict(cfg), model=model.rnn_state_dict(), meta=meta),
+                    out / "rnn.pt")
+
+    def log_eval(it, elapsed, extra=None):
+        stats = evaluate(model, cfg, batches, autocast)
+        record = dict(iter=it, elapsed=round(elapsed, 2), **stats, **(extra or {}))
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in stats.items())
+        print(f"eval {it}: {shown}", flush=True)
+
+    if cfg.method == "dmt" and start_iter == 0:
+        x, _ = batches.get("val", seq_len=cfg.dmt_steps, generator=torch.Generator().manual_seed(cfg.seed))
+        log_eval(0, 0.0, dict(drift=smt.drift(model, x)))
+
+    model.train()
+    it, t_start, tokens_done = start_iter, time.time(), 0
+    t_last = t_start
+    while it < cfg.max_iters:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, it)
+        stats_sum = {}
+        for _ in range(cfg.grad_accum):
+            x, y = batches.get("train", seq_len=L)
+            with autocast:
+                loss, stats = loss_fn(model, x, y, cfg)
+            (loss / cfg.grad_accum).backward()
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        it += 1
+        tokens_done += cfg.batch_size * cfg.grad_accum * L
+        elapsed = elapsed_before + time.time() - t_start
+        out_of_time = cfg.time_budget > 0 and elapsed >= cfg.time_budget
+        if it % cfg.log_interval == 0 or it == cfg.max_iters or out_of_time:
+            now = time.time()
+            rate = tokens_done / (now - t_last)
+            per_iter = (now - t_start) / (it - start_iter)
+            eta = (cfg.max_iters - it) * per_iter
+            if cfg.time_budget > 0:
+                eta = min(eta, cfg.time_budget - elapsed)
+            shown = " ".join(f"{k} {v:.4f}" for k, v in stats_sum.items())
+            print(f"iter {it}/{cfg.max_iters} | loss {loss.item():.4f} | {shown} | lr {lr_at(cfg, it - 1):.2e} | "
+                  f"{rate:,.0f} tok/s | {elapsed:.0f}s elapsed | ETA {max(0, eta):.0f}s", flush=True)
+            t_last, tokens_done = now, 0
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters or out_of_time:
+            extra = None
+            if cfg.method == "dmt" and (it == cfg.max_iters or out_of_time):
+                x, _ = batches.get("val", seq_len=cfg.dmt_steps,
+                                   generator=torch.Generator().manual_seed(cfg.seed))
+                extra = dict(drift=smt.drift(model, x))
+            t_eval = time.time()
+            log_eval(it, elapsed, extra)
+            checkpoint(it, elapsed)
+            paused = time.time() - t_eval  # evaluation does not count as training time
+            t_start, t_last = t_start + paused, t_last + paused
+        if out_of_time:
+            break
+    print(f"done: {it} iterations, checkpoint in {out / 'ckpt.pt'}, RNN for sampling in {out / 'rnn.pt'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
