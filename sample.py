@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 import smt
-from data import StreamDecoder, UsageError, encode, parse_overrides, run_cli
+from data import StreamDecoder, UsageError, check_text, encode, parse_overrides, run_cli
+from train import load_checkpoint
 
 
 @dataclass
@@ -30,13 +31,7 @@ class SampleConfig:
 def load_model(cfg, device):
     """The RNN (and, for teacher priming, the encoder) rebuilt from the checkpoint's plain config and tensors."""
     name = "ckpt.pt" if cfg.prime == "teacher" else "rnn.pt"
-    path = Path(cfg.out_dir) / name
-    if not path.exists():
-        raise UsageError(f"no {name} in --out_dir={cfg.out_dir}: train first (python train.py --out_dir=...)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"cannot read {path} ({type(e).__name__}); it is damaged or not ours") from None
+    ckpt = load_checkpoint(Path(cfg.out_dir) / name, "train first (python train.py --out_dir=...)")
     c = ckpt["config"]
     if cfg.prime == "teacher" and c["method"] not in ("smt", "dmt"):
         raise UsageError(f"--prime=teacher needs a teacher, but {cfg.out_dir} is a {c['method']} run: "
@@ -75,15 +70,20 @@ def main(argv):
         path = Path(prompt[5:])
         if not path.is_file():
             raise UsageError(f"no prompt file {path}")
-        prompt = path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
+        check_text(f"prompt file {path}", raw)
+        prompt = raw.decode("utf-8", errors="replace")
     model, meta = load_model(cfg, device)
     tokens = torch.tensor(encode(meta, prompt), dtype=torch.long, device=device)
     if cfg.prime == "teacher" and tokens.numel() == 0:
         raise UsageError("--prime=teacher needs a non-empty --prompt")
+    if cfg.prime == "teacher" and tokens.numel() > model.encoder.context_len:  # it would silently drop the rest
+        raise UsageError(f"--prime=teacher reads at most context_len={model.encoder.context_len} tokens; the prompt "
+                         f"has {tokens.numel()}: shorten it or use --prime=rnn (any length)")
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     sample = sampler(cfg, generator)
     for i in range(cfg.num_samples):
-        if cfg.prime == "teacher":  # the teacher reads the last context_len tokens; the RNN goes on from there
+        if cfg.prime == "teacher":  # the teacher reads the prompt; the RNN goes on from there
             memory = model.memories(tokens[None], torch.tensor([tokens.numel() - 1], device=device))[:, 0]
             run = smt.rollout(model, memory, tokens[None, :0], sample=sample, num_new=cfg.num_tokens)
         else:

@@ -13,11 +13,13 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import smt
 from data import Batches, UsageError, load_meta, parse_overrides, prepare, run_cli
@@ -52,6 +54,7 @@ class Config:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
+    max_bad_steps: int = 10  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
     # model shapes (the RNN's memory holds mem_tokens x d_model numbers)
     d_model: int = 64  # cuda: 256
     n_heads: int = 4  # cuda: 8
@@ -122,7 +125,7 @@ def check_config(cfg):
     one_of("dtype", ("float32", "bfloat16"))
     for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum", "d_model",
                 "n_heads", "mem_tokens", "context_len", "future_len", "seq_len", "dec_positions", "bptt_window",
-                "dmt_every"):
+                "dmt_every", "max_bad_steps"):
         if getattr(cfg, key) <= 0:
             raise UsageError(f"--{key} must be positive, not {getattr(cfg, key)}")
     for key in ("encoder_depth", "decoder_depth", "rnn_depth", "warmup_iters", "lr", "weight_decay", "grad_clip",
@@ -169,30 +172,43 @@ def build_model(cfg, vocab_size):
                         with_encoder=cfg.method in ("smt", "dmt"))
 
 
-def load_checkpoint(path, what):
-    if not Path(path).exists():
-        raise UsageError(f"no checkpoint at {path}: {what}")
+def load_checkpoint(path, what, keys=("config", "model", "meta")):
+    """A checkpoint's tensors and plain config (weights_only: nothing in the file can run code); one clear line if
+    it is missing, damaged or lacks `keys`."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"no {path.name} in {path.parent}: {what}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupted or not a checkpoint at all
         raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not ours") from None
+    if not isinstance(ckpt, dict) or not set(keys) <= set(ckpt):
+        raise UsageError(f"{path} is not a checkpoint this can use: it needs {', '.join(keys)}")
+    # a torch.compile(model) wrapper prefixes every key; the weights are the same as the plain model's
+    ckpt["model"] = {k.replace("_orig_mod.", ""): v for k, v in ckpt["model"].items()}
+    return ckpt
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, fsync, rename: a crash mid-write leaves the previous file intact."""
+    """torch.save to a temporary file, fsync, rename: a crash or failed write leaves the previous file intact."""
     tmp = Path(f"{path}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def restore(cfg, given):
-    """For resume and dmt: the checkpoint to start from, with cfg's architecture taken from it."""
+    """For resume: the checkpoint and the run's config, with what the command line gives on top (the architecture
+    cannot change). For dmt: the SMT run's checkpoint, with its architecture and dataset."""
     if cfg.init_from == "resume":
-        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", f"nothing to resume in --out_dir={cfg.out_dir}")
-        if ckpt["config"]["method"] != cfg.method:
+        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", f"nothing to resume in --out_dir={cfg.out_dir}",
+                               keys=("config", "model", "meta", "optimizer", "iter", "elapsed", "rng"))
+        if "method" in given and ckpt["config"]["method"] != cfg.method:
             raise UsageError(f"{cfg.out_dir}/ckpt.pt is a {ckpt['config']['method']} run, not {cfg.method}: "
                              f"pass --method={ckpt['config']['method']} or another --out_dir")
     else:
@@ -205,8 +221,11 @@ def restore(cfg, given):
         if key in given and getattr(cfg, key) != ckpt["config"][key]:
             raise UsageError(f"--{key}={getattr(cfg, key)} differs from the checkpoint's {ckpt['config'][key]}; "
                              f"the architecture of a run cannot change")
+    if cfg.init_from == "resume":  # the same run goes on: its settings, bar what the command line changes
+        fields = {f.name for f in dataclasses.fields(Config)} - given - {"init_from", "out_dir"}
+        return dataclasses.replace(cfg, **{k: v for k, v in ckpt["config"].items() if k in fields}), ckpt
     arch = {k: ckpt["config"][k] for k in ARCH_KEYS}
-    if cfg.init_from != "resume" and "dataset" not in given:  # dmt refines on the SMT run's data
+    if "dataset" not in given:  # dmt refines on the SMT run's data
         arch["dataset"] = ckpt["config"]["dataset"]
     return dataclasses.replace(cfg, **arch), ckpt
 
@@ -231,6 +250,23 @@ def evaluate(model, cfg, batches, autocast):
     return {("val_" + k): v for k, v in sums.items()}
 
 
+def all_reduce_mean(params, numbers):
+    """Averages the gradients of `params` and a few `numbers` over all ranks in one collective; returns the numbers.
+    Done by hand, once per optimizer step (after the last micro-batch), because the losses call the model's parts,
+    not its forward, which DistributedDataParallel would need. Every rank has gradients for the same parameters
+    (unused ones, like the linear readout in SMT, have none anywhere)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads] + [torch.tensor(numbers, dtype=grads[0].dtype,
+                                                                  device=grads[0].device)])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return flat[offset:].tolist()
+
+
 def main(argv):
     cfg, given = load_config(argv)
     check_config(cfg)
@@ -238,19 +274,36 @@ def main(argv):
     if cfg.init_from != "scratch":
         cfg, ckpt = restore(cfg, given)
         check_config(cfg)
-    torch.manual_seed(cfg.seed)
+    # under torchrun: one process per GPU (or CPU process), each on its own batches, gradients averaged
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    master = rank == 0  # the one that prints, evaluates and writes
+    if world > 1:
+        if cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(cfg.device)
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    torch.manual_seed(cfg.seed)  # the same on every rank: the same initial weights
     device = torch.device(cfg.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
+    if world > 1 and not master:
+        dist.barrier()  # rank 0 prepares the dataset alone
     folder = prepare(cfg.dataset, cfg.data_dir)
+    if world > 1 and master:
+        dist.barrier()
     meta = load_meta(folder)
     vocab_size = meta["vocab_size"]
-    batches = Batches(folder, max(train_len(cfg), 2 * cfg.context_len), cfg.batch_size, cfg.seed, device=device)
+    batches = Batches(folder, max(train_len(cfg), 2 * cfg.context_len), cfg.batch_size, cfg.seed, rank=rank,
+                      device=device)
     L = train_len(cfg)
 
     model = build_model(cfg, vocab_size).to(device)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError:  # the message lists every mismatched tensor; one line says enough
+            raise UsageError(f"the weights in {cfg.init_from} do not fit this model (vocab {vocab_size} of "
+                             f"{cfg.dataset}, {cfg.method}); was it trained on another dataset?") from None
     if cfg.method == "dmt":
         model.encoder.requires_grad_(False)
     if cfg.freeze == "teacher" and model.encoder is not None:
@@ -263,12 +316,20 @@ def main(argv):
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    start_iter, elapsed_before = 0, 0.0
+    start_iter, elapsed_before, skipped = 0, 0.0, 0
     if ckpt is not None and cfg.init_from == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_iter, elapsed_before = ckpt["iter"], ckpt["elapsed"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        batches.generator.set_state(ckpt["rng"]["batches"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError:
+            raise UsageError(f"the optimizer state in {cfg.out_dir}/ckpt.pt does not fit this run's trained "
+                             "parameters (was --freeze changed?)") from None
+        start_iter, elapsed_before, skipped = ckpt["iter"], ckpt["elapsed"], ckpt.get("skipped", 0)
+        if rank < len(ckpt["rng"]):  # each rank goes on with its own random streams (new ranks start fresh)
+            rng = ckpt["rng"][rank]
+            torch.set_rng_state(rng["torch"])
+            batches.generator.set_state(rng["batches"])
+            if "cuda" in rng and device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], device)
     if cfg.compile and device.type == "cuda":
         for part in (model.encoder, model.decoder, model.cell):
             if part is not None:
@@ -277,54 +338,86 @@ def main(argv):
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if master and start_iter > 0 and (out / "log.jsonl").exists():  # evaluations past the checkpoint are redone
+        lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
+        (out / "log.jsonl").write_text("".join(line for line in lines if line.endswith("\n")
+                                               and json.loads(line)["iter"] <= start_iter))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{cfg.method} on {cfg.dataset} ({folder}), {cfg.device} {cfg.dtype}, {n_params / 1e6:.2f}M parameters, "
-          f"memory {cfg.mem_tokens}x{cfg.d_model}, sequences of {L}, batch {cfg.batch_size}x{cfg.grad_accum}",
-          flush=True)
+    if master:
+        print(f"{cfg.method} on {cfg.dataset} ({folder}), {cfg.device} {cfg.dtype}, {n_params / 1e6:.2f}M "
+              f"parameters, memory {cfg.mem_tokens}x{cfg.d_model}, sequences of {L}, batch "
+              f"{cfg.batch_size}x{cfg.grad_accum}" + (f"x{world} processes" if world > 1 else ""), flush=True)
 
     def checkpoint(it, elapsed):
+        """Everything an exact resume needs: weights, optimizer, iteration and every rank's random states (torch's,
+        which the losses draw from, and the batch sampler's). Called on every rank; rank 0 writes."""
+        rng = dict(torch=torch.get_rng_state(), batches=batches.generator.get_state())
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        rngs = [rng]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng)
+        if not master:
+            return
         state = dict(config=dataclasses.asdict(cfg), model=model.state_dict(), optimizer=optimizer.state_dict(),
-                     iter=it, elapsed=elapsed, meta=meta,
-                     rng=dict(torch=torch.get_rng_state(), batches=batches.generator.get_state()))
+                     iter=it, elapsed=elapsed, skipped=skipped, meta=meta, rng=rngs)
         save_atomic(state, out / "ckpt.pt")
         save_atomic(dict(config=dataclasses.asdict(cfg), model=model.rnn_state_dict(), meta=meta),
                     out / "rnn.pt")
 
     def log_eval(it, elapsed, extra=None):
         stats = evaluate(model, cfg, batches, autocast)
-        record = dict(iter=it, elapsed=round(elapsed, 2), **stats, **(extra or {}))
+        record = dict(iter=it, elapsed=round(elapsed, 2), **stats, skipped=skipped, **(extra or {}))
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         shown = " | ".join(f"{k} {v:.4f}" for k, v in stats.items())
         print(f"eval {it}: {shown}", flush=True)
 
-    if cfg.method == "dmt" and start_iter == 0:
+    if cfg.method == "dmt" and start_iter == 0 and master:
         x, _ = batches.get("val", seq_len=cfg.dmt_steps, generator=torch.Generator().manual_seed(cfg.seed))
         log_eval(0, 0.0, dict(drift=smt.drift(model, x)))
 
+    stop = []  # signals received; the loop saves a checkpoint and ends at the next step
+    def on_signal(signum, frame):
+        stop.append(signal.Signals(signum).name)
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
     model.train()
-    it, t_start, tokens_done = start_iter, time.time(), 0
+    it, t_start, tokens_done, bad_in_a_row = start_iter, time.time(), 0, 0
     t_last = t_start
     while it < cfg.max_iters:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, it)
-        stats_sum = {}
+        loss_sum, stats_sum = 0.0, {}
         for _ in range(cfg.grad_accum):
             x, y = batches.get("train", seq_len=L)
             with autocast:
                 loss, stats = loss_fn(model, x, y, cfg)
             (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        it += 1
-        tokens_done += cfg.batch_size * cfg.grad_accum * L
         elapsed = elapsed_before + time.time() - t_start
         out_of_time = cfg.time_budget > 0 and elapsed >= cfg.time_budget
-        if it % cfg.log_interval == 0 or it == cfg.max_iters or out_of_time:
+        signalled = bool(stop)
+        if world > 1:  # every rank gets the mean gradient and logged numbers, and stops when any must
+            loss_sum, *values, out_of_time, signalled = all_reduce_mean(
+                params, [loss_sum, *stats_sum.values(), out_of_time, signalled])
+            stats_sum = dict(zip(stats_sum, values))
+            out_of_time, signalled = out_of_time > 0, signalled > 0
+        # with max_norm=inf, clip_grad_norm_ only measures: the norm tells whether every gradient is finite
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if math.isfinite(loss_sum) and torch.isfinite(norm):
+            optimizer.step()
+            bad_in_a_row = 0
+        else:  # an overflow or a bad batch must not reach the weights
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+        optimizer.zero_grad(set_to_none=True)
+        it += 1
+        tokens_done += cfg.batch_size * cfg.grad_accum * L * world
+        if master and (it % cfg.log_interval == 0 or it == cfg.max_iters or out_of_time or bad_in_a_row):
             now = time.time()
             rate = tokens_done / (now - t_last)
             per_iter = (now - t_start) / (it - start_iter)
@@ -332,9 +425,12 @@ def main(argv):
             if cfg.time_budget > 0:
                 eta = min(eta, cfg.time_budget - elapsed)
             shown = " ".join(f"{k} {v:.4f}" for k, v in stats_sum.items())
-            print(f"iter {it}/{cfg.max_iters} | loss {loss.item():.4f} | {shown} | lr {lr_at(cfg, it - 1):.2e} | "
-                  f"{rate:,.0f} tok/s | {elapsed:.0f}s elapsed | ETA {max(0, eta):.0f}s", flush=True)
+            print(f"iter {it}/{cfg.max_iters} | loss {loss_sum:.4f} | {shown} | lr {lr_at(cfg, it - 1):.2e} | "
+                  f"{rate:,.0f} tok/s | {elapsed:.0f}s elapsed | ETA {max(0, eta):.0f}s"
+                  + (f" | skipped {skipped} (non-finite)" if skipped else ""), flush=True)
             t_last, tokens_done = now, 0
+        if bad_in_a_row >= cfg.max_bad_steps:
+            break  # without a checkpoint: the last one written holds the last good state
         if it % cfg.eval_interval == 0 or it == cfg.max_iters or out_of_time:
             extra = None
             if cfg.method == "dmt" and (it == cfg.max_iters or out_of_time):
@@ -342,14 +438,28 @@ def main(argv):
                                    generator=torch.Generator().manual_seed(cfg.seed))
                 extra = dict(drift=smt.drift(model, x))
             t_eval = time.time()
-            log_eval(it, elapsed, extra)
+            if master:
+                log_eval(it, elapsed, extra)
             checkpoint(it, elapsed)
             paused = time.time() - t_eval  # evaluation does not count as training time
             t_start, t_last = t_start + paused, t_last + paused
-        if out_of_time:
+        elif signalled:
+            checkpoint(it, elapsed)
+        if out_of_time or signalled:
             break
-    print(f"done: {it} iterations, checkpoint in {out / 'ckpt.pt'}, RNN for sampling in {out / 'rnn.pt'}")
-
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    if world > 1:
+        dist.destroy_process_group()
+    if bad_in_a_row >= cfg.max_bad_steps:
+        kept = f"{out / 'ckpt.pt'} keeps the last good state" if (out / "ckpt.pt").exists() else "no checkpoint yet"
+        raise UsageError(f"stopped at iter {it}: {bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                         f"(skipped); {kept}. Lower --lr (now {cfg.lr}) or check the data")
+    if master and signalled:
+        print(f"stopped by {stop[0] if stop else 'a signal'} at iter {it}: checkpoint in {out / 'ckpt.pt'}; "
+              "continue with --init_from=resume")
+    elif master:
+        print(f"done: {it} iterations, checkpoint in {out / 'ckpt.pt'}, RNN for sampling in {out / 'rnn.pt'}")
 
 if __name__ == "__main__":
     run_cli(main)
