@@ -74,6 +74,8 @@ def sample_images(cfg, model, meta, sample, device):
     (or, with 0, draws them from the empty memory). Writes out_dir/samples.png, a grid with one sample per row (the
     held-out image, then the completion), and prints the same as text."""
     H, W = meta["image_shape"]
+    if cfg.prime == "teacher":
+        raise UsageError("--prime=teacher is for text; the RNN completes images from its own reading of the rows")
     if not 0 <= cfg.prompt_rows < H:
         raise UsageError(f"--prompt_rows must be between 0 and {H - 1}, not {cfg.prompt_rows}")
     real = torch.zeros(cfg.num_samples, H * W, dtype=torch.long)

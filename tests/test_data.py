@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import data
-from conftest import ROOT, run
+from conftest import run
 from test_cli import TINY
 
 
