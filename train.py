@@ -248,20 +248,21 @@ def evaluate(model, cfg, batches, autocast):
     the same val windows (a fixed generator), so evaluations compare."""
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
+    probe = cfg.dataset in PROBES
     sums = {}
-    for _ in range(cfg.eval_iters):
-        probe = cfg.dataset in PROBES
-        x, y = batches.get("val", seq_len=None if probe else 2 * cfg.context_len, generator=gen)
-        with autocast:
-            if probe:
-                stats = smt.evaluate_probe(model, x, y, whole=batches.meta["whole_answer"])
-            else:
-                stats = smt.evaluate_rnn(model, x, y, cfg.context_len, primed=model.encoder is not None)
-            if model.encoder is not None:
-                L = cfg.context_len + cfg.future_len
-                stats.update(smt.smt_loss(model, x[:, :L], y[:, :L], cfg)[1])
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v / cfg.eval_iters
+    with torch.random.fork_rng(devices=[]):  # evaluation leaves training's random stream as it was
+        for _ in range(cfg.eval_iters):
+            x, y = batches.get("val", seq_len=None if probe else 2 * cfg.context_len, generator=gen)
+            with autocast:
+                if probe:
+                    stats = smt.evaluate_probe(model, x, y, whole=batches.meta["whole_answer"])
+                else:
+                    stats = smt.evaluate_rnn(model, x, y, cfg.context_len, primed=model.encoder is not None)
+                if model.encoder is not None:
+                    L = cfg.context_len + cfg.future_len
+                    stats.update(smt.smt_loss(model, x[:, :L], y[:, :L], cfg)[1])
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.eval_iters
     model.train()
     return {("val_" + k): v for k, v in sums.items()}
 

@@ -30,7 +30,7 @@ def tiny_model(cell="transformer", encoder="causal", readout="decoder", mem_toke
 
 def run(script, *args, cwd=None):
     """Runs one of the project's CLIs as a user would; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
                           env=env, timeout=600)
 
