@@ -480,5 +480,6 @@ def main(argv):
     elif master:
         print(f"done: {it} iterations, checkpoint in {out / 'ckpt.pt'}, RNN for sampling in {out / 'rnn.pt'}")
 
+
 if __name__ == "__main__":
     run_cli(main)
