@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 import smt
-from data import StreamDecoder, UsageError, check_text, encode, parse_overrides, run_cli
-from train import load_checkpoint
+from data import StreamDecoder, UsageError, check_text, encode, load_checkpoint, parse_overrides, run_cli
 
 
 @dataclass

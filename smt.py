@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model import SMTModel, rms  # noqa: F401  (SMTModel re-exported for the CLIs)
+from model import CELLS, ENCODERS, READOUTS, SMTModel, rms  # noqa: F401  (re-exported for the CLIs)
 
 LN2 = math.log(2.0)
 

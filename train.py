@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 import smt
-from data import DATA_KEYS, PROBES, Batches, Probe, UsageError, parse_overrides, prepare, run_cli
-from model import CELLS, ENCODERS, READOUTS
+from data import (DATA_KEYS, PROBES, Batches, Probe, UsageError, load_checkpoint, parse_overrides, prepare,
+                  run_cli)
+from smt import CELLS, ENCODERS, READOUTS
 
 
 @dataclass
@@ -181,23 +182,6 @@ def build_model(cfg, vocab_size):
     return smt.SMTModel(vocab_size, cfg.d_model, cfg.n_heads, cfg.mem_tokens, cfg.encoder_depth, cfg.decoder_depth,
                         cfg.rnn_depth, cfg.context_len, cell=cfg.cell, encoder=cfg.encoder, readout=cfg.readout,
                         with_encoder=cfg.method in ("smt", "dmt"))
-
-
-def load_checkpoint(path, what, keys=("config", "model", "meta")):
-    """A checkpoint's tensors and plain config (weights_only: nothing in the file can run code); one clear line if
-    it is missing, damaged or lacks `keys`."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"no {path.name} in {path.parent}: {what}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupted or not a checkpoint at all
-        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not ours") from None
-    if not isinstance(ckpt, dict) or not set(keys) <= set(ckpt):
-        raise UsageError(f"{path} is not a checkpoint this can use: it needs {', '.join(keys)}")
-    # a torch.compile(model) wrapper prefixes every key; the weights are the same as the plain model's
-    ckpt["model"] = {k.replace("_orig_mod.", ""): v for k, v in ckpt["model"].items()}
-    return ckpt
 
 
 def save_atomic(obj, path):

@@ -16,6 +16,7 @@ import torch
 import smt
 import train
 from conftest import ROOT, tiny_model
+import data
 from data import UsageError
 from test_cli import TINY
 
@@ -133,7 +134,7 @@ def test_checkpoints_of_compiled_models_load_into_plain_ones_and_back(tmp_path):
     wrapped = torch.compile(tiny_model(seed=2))  # a wrapper instead prefixes every key with _orig_mod.
     assert all(k.startswith("_orig_mod.") for k in wrapped.state_dict())
     train.save_atomic(dict(config={}, model=wrapped.state_dict(), meta={}), tmp_path / "ckpt.pt")
-    weights = train.load_checkpoint(tmp_path / "ckpt.pt", "")["model"]
+    weights = data.load_checkpoint(tmp_path / "ckpt.pt", "")["model"]
     plain.load_state_dict(weights)
     compiled.load_state_dict(weights)
     for a, b, c in zip(wrapped.state_dict().values(), plain.state_dict().values(), compiled.state_dict().values()):
