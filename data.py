@@ -67,17 +67,23 @@ def parse_value(key, text, default):
 
 
 def parse_overrides(defaults, argv, positional=None):
-    """Applies ['--key=value', ...] to the dataclass instance `defaults` and returns the new instance.
-    `positional` names the one field a bare argument sets (data.py's dataset name), if any."""
+    """Applies ['--key=value' or '--key value', ...] to the dataclass instance `defaults` and returns the new
+    instance. `positional` names the one field a bare argument sets (data.py's dataset name), if any."""
     fields = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)}
     changes = {}
-    for arg in argv:
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
         if not arg.startswith("--") and positional:
             key, text = positional, arg
         elif arg.startswith("--") and "=" in arg:
             key, text = arg[2:].split("=", 1)
-        elif arg.startswith("--") and arg[2:] in fields and isinstance(fields[arg[2:]], bool):
+        elif arg.startswith("--") and isinstance(fields.get(arg[2:]), bool):
             key, text = arg[2:], "True"  # a bare --flag switches a boolean on
+        elif arg.startswith("--") and arg[2:] in fields and args:
+            key, text = arg[2:], args.pop(0)
+        elif arg.startswith("--") and arg[2:] not in fields:
+            key, text = arg[2:], ""
         else:
             raise UsageError(f"cannot read argument '{arg}': use --key=value")
         if key not in fields:

@@ -102,3 +102,15 @@ def test_data_cli_prepares_a_file(tmp_path, text_file):
     assert "train" in result.stdout and "val" in result.stdout and "MB" in result.stdout
     folder = next((tmp_path / "data").glob("tiny-*"))
     assert (folder / "train.bin").stat().st_size + (folder / "val.bin").stat().st_size == text_file.stat().st_size
+
+
+def test_overrides_take_both_spellings():
+    """`--key=value` and `--key value` (the README's `python train.py --method smt`), typed by the defaults."""
+    from data import UsageError, parse_overrides
+    from train import Config
+    cfg = parse_overrides(Config(), ["--method", "bptt", "--max_iters=5", "--lr", "0.5", "--detach_target"])
+    assert (cfg.method, cfg.max_iters, cfg.lr, cfg.detach_target) == ("bptt", 5, 0.5, True)
+    with pytest.raises(UsageError, match="unknown option --nope"):
+        parse_overrides(Config(), ["--nope", "1"])
+    with pytest.raises(UsageError, match="cannot read argument '--method'"):
+        parse_overrides(Config(), ["--method"])
