@@ -73,7 +73,7 @@ class Config:
     encoder: str = "causal"  # causal: all memories from one pass | window: the paper's one pass per memory
     readout: str = "decoder"  # decoder: the teacher decoder's next-token head | linear: on the flat memory
     # SMT
-    context_len: int = 64  # Tc: tokens a teacher memory may see; cuda: 256
+    context_len: int = 64  # Tc: window a teacher memory sees (causal encoder: per attention layer); cuda: 256
     future_len: int = 16  # Tf: tokens the decoder predicts from each memory; cuda: 64
     positions: str = "all"  # transitions trained per sequence: all, or a number (1 = the released recipe)
     dec_positions: int = 16  # of those, how many also get the decoder loss (the decoder costs Tf tokens each)
