@@ -58,9 +58,7 @@ def emit(cfg, **record):
 
 
 def build(cfg, with_encoder):
-    return smt.SMTModel(VOCAB, cfg.d_model, cfg.n_heads, cfg.mem_tokens, cfg.encoder_depth, cfg.decoder_depth,
-                        cfg.rnn_depth, cfg.context_len, cell=cfg.cell, encoder=cfg.encoder, readout=cfg.readout,
-                        with_encoder=with_encoder)
+    return smt.build_model(dataclasses.asdict(cfg), VOCAB, with_encoder)
 
 
 class Trainer:

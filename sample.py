@@ -41,9 +41,7 @@ def load_model(cfg, device):
         raise UsageError(f"--prime=teacher needs a teacher, but {cfg.out_dir} is a {c['method']} run: "
                          "use --prime=rnn")
     vocab_size = ckpt["model"]["rnn_embed.weight"].size(0)
-    model = smt.SMTModel(vocab_size, c["d_model"], c["n_heads"], c["mem_tokens"], c["encoder_depth"],
-                         c["decoder_depth"], c["rnn_depth"], c["context_len"], cell=c["cell"], encoder=c["encoder"],
-                         readout=c["readout"], with_encoder=cfg.prime == "teacher")
+    model = smt.build_model(c, vocab_size, with_encoder=cfg.prime == "teacher")
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["meta"]
 

@@ -15,6 +15,13 @@ from model import CELLS, ENCODERS, READOUTS, SMTModel, rms  # noqa: F401  (re-ex
 LN2 = math.log(2.0)
 
 
+def build_model(c, vocab_size, with_encoder):
+    """The SMTModel that a run's plain config c (a dict, as checkpoints keep it) describes."""
+    return SMTModel(vocab_size, c["d_model"], c["n_heads"], c["mem_tokens"], c["encoder_depth"], c["decoder_depth"],
+                    c["rnn_depth"], c["context_len"], cell=c["cell"], encoder=c["encoder"], readout=c["readout"],
+                    with_encoder=with_encoder)
+
+
 def rollout(model, memory, tokens, detach_every=0, sample=None, num_new=0):
     """Runs the RNN from `memory` (N, K, d), one token at a time, with constant memory.
 

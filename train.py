@@ -178,12 +178,6 @@ def lr_at(cfg, it):
     return cfg.lr / 10 + 0.5 * (cfg.lr - cfg.lr / 10) * (1 + math.cos(math.pi * progress))
 
 
-def build_model(cfg, vocab_size):
-    return smt.SMTModel(vocab_size, cfg.d_model, cfg.n_heads, cfg.mem_tokens, cfg.encoder_depth, cfg.decoder_depth,
-                        cfg.rnn_depth, cfg.context_len, cell=cfg.cell, encoder=cfg.encoder, readout=cfg.readout,
-                        with_encoder=cfg.method in ("smt", "dmt"))
-
-
 def save_atomic(obj, path):
     """torch.save to a temporary file, fsync, rename: a crash or failed write leaves the previous file intact."""
     tmp = Path(f"{path}.tmp")
@@ -300,7 +294,7 @@ def main(argv):
     meta, vocab_size = batches.meta, batches.meta["vocab_size"]
     L = train_len(cfg)
 
-    model = build_model(cfg, vocab_size).to(device)
+    model = smt.build_model(dataclasses.asdict(cfg), vocab_size, cfg.method in ("smt", "dmt")).to(device)
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
