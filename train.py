@@ -363,17 +363,19 @@ def main(argv):
         save_atomic(dict(config=dataclasses.asdict(cfg), model=model.rnn_state_dict(), meta=meta),
                     out / "rnn.pt")
 
-    def log_eval(it, elapsed, extra=None):
+    def log_eval(it, elapsed, with_drift=False):
         stats = evaluate(model, cfg, batches, autocast)
-        record = dict(iter=it, elapsed=round(elapsed, 2), **stats, skipped=skipped, **(extra or {}))
+        record = dict(iter=it, elapsed=round(elapsed, 2), **stats, skipped=skipped)
+        if with_drift:  # dmt: the drift per step over the same held-out window before and after
+            x, _ = batches.get("val", seq_len=cfg.dmt_steps, generator=torch.Generator().manual_seed(cfg.seed))
+            record["drift"] = smt.drift(model, x)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         shown = " | ".join(f"{k} {v:.4f}" for k, v in stats.items())
         print(f"eval {it}: {shown}", flush=True)
 
     if cfg.method == "dmt" and start_iter == 0 and master:
-        x, _ = batches.get("val", seq_len=cfg.dmt_steps, generator=torch.Generator().manual_seed(cfg.seed))
-        log_eval(0, 0.0, dict(drift=smt.drift(model, x)))
+        log_eval(0, 0.0, with_drift=True)
 
     stop = []  # signals received; the loop saves a checkpoint and ends at the next step
     def on_signal(signum, frame):
@@ -429,14 +431,9 @@ def main(argv):
         if bad_in_a_row >= cfg.max_bad_steps:
             break  # without a checkpoint: the last one written holds the last good state
         if it % cfg.eval_interval == 0 or it == cfg.max_iters or out_of_time:
-            extra = None
-            if cfg.method == "dmt" and (it == cfg.max_iters or out_of_time):
-                x, _ = batches.get("val", seq_len=cfg.dmt_steps,
-                                   generator=torch.Generator().manual_seed(cfg.seed))
-                extra = dict(drift=smt.drift(model, x))
             t_eval = time.time()
             if master:
-                log_eval(it, elapsed, extra)
+                log_eval(it, elapsed, with_drift=cfg.method == "dmt" and (it == cfg.max_iters or out_of_time))
             checkpoint(it, elapsed)
             paused = time.time() - t_eval  # evaluation does not count as training time
             t_start, t_last = t_start + paused, t_last + paused
