@@ -1,24 +1,34 @@
-"""Benchmarks of SMT against BPTT: step time against sequence length, training throughput, generation, gradient paths.
+"""Benchmarks of SMT against BPTT, and the reproductions of the paper's claims at CPU scale.
 
     python bench.py --suite=scaling      # training step time at lengths 64..1024, SMT and BPTT side by side
     python bench.py --suite=throughput   # tokens/s and transitions/s: SMT positions=1 (window) and =all, BPTT, TBPTT
     python bench.py --suite=inference    # the RNN generating 4,096 tokens against the teacher re-encoding its context
     python bench.py --suite=gradients    # gradient norm against distance, BPTT vs SMT; a PNG in --out
     python bench.py --suite=scaling --quick --json    # small sizes (< 2 minutes on 2 cores), one JSON per line
+    python bench.py --suite=probes --tasks=retrieval  # SMT then DMT vs BPTT, same wall-clock, task lengths 64..1024
+    python bench.py --suite=text         # the same on Shakespeare's bytes: held-out bits per byte against seconds
+    python bench.py --suite=images       # the same on MNIST pixels, then digits drawn and completed by each RNN
 
-Random tokens (vocab 256) stand in for data: the cost of a step does not depend on what the tokens are. Times are
-wall-clock medians over --repeats steps after one warm-up step, every method timed in turn within each repetition
-(interleaved), so that a machine shared with other work slows all of them alike.
+The first four time single training steps: random tokens (vocab 256) stand in for data, since the cost of a step
+does not depend on what the tokens are; times are wall-clock medians over --repeats steps after one warm-up step,
+every method timed in turn within each repetition (interleaved), so that a machine shared with other work slows all
+of them alike. The last three train for real with train.py, two runs at a time with one thread each, and plot the
+RNN's held-out score against training seconds; their runs stay in --out.
 """
 import dataclasses
 import functools
 import json
 import math
+import os
 import resource
+import shutil
 import statistics
 import struct
+import subprocess
+import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,26 +36,47 @@ import torch
 import torch.nn.functional as F
 
 import smt
-from data import UsageError, parse_overrides, run_cli
+from data import PROBES, UsageError, parse_overrides, run_cli
 from train import Config
 
-SUITES = ("scaling", "throughput", "inference", "gradients")
+SUITES = ("scaling", "throughput", "inference", "gradients", "probes", "text", "images")
+HERE = Path(__file__).resolve().parent
 VOCAB = 256
 
 
 @dataclass
 class BenchConfig:
-    suite: str = ""  # scaling | throughput | inference | gradients
+    suite: str = ""  # scaling | throughput | inference | gradients | probes | text | images
     quick: bool = False  # small sizes: every suite in under 2 minutes on a 2-core CPU
     json: bool = False  # one JSON object per measurement instead of table lines
-    out: str = "bench_out"  # where the gradients suite writes its PNG
+    out: str = "bench_out"  # where PNGs (and the reproductions' training runs) go
     lengths: str = ""  # comma-separated, overrides the suite's: scaling: sequence lengths; inference: token counts
-    #                    reported; throughput: the one context length; gradients: the one unroll length T
+    #                    reported; throughput: the one context length; gradients: the one unroll length T;
+    #                    probes: task lengths
     repeats: int = 0  # timed steps per measurement (the median is reported); 0: the suite's default
     tokens: int = 0  # scaling: tokens per batch, held fixed across lengths; 0: the suite's default
     batch_size: int = 0  # throughput: sequences per batch; 0: the suite's default
     threads: int = 0  # torch threads; 0: torch's default (1 is steadier on a machine shared with other jobs)
     seed: int = 1337
+    # reproductions (probes, text, images): training runs of train.py, two at a time, one thread each
+    dataset: str = ""  # text: any text dataset of train.py (shakespeare); images: an image dataset (mnist5k)
+    budget: float = 0.0  # training seconds per lane; 0: the suite's (probes 280 per length, text 600, images 480)
+    dmt_share: float = 0.2  # of the SMT lane's budget, the share spent on DMT after SMT (0: SMT alone)
+    tasks: str = "retrieval,copy,stack"  # probes: which
+    num_symbols: int = 4  # probes: few symbols, so that tiny models leave the chance plateau within minutes
+    eval_interval: int = 0  # iterations between evaluations (points on the curves); 0: the suite's
+    smt_args: str = ""  # extra train.py settings for the SMT lane, space-separated; "": the suite's
+    bptt_args: str = ""  # the same for the BPTT lane
+    dmt_args: str = "--lr=3e-4"  # the same for DMT (CPU scale: 10x the paper's lr; time_budget ends it)
+
+
+SUITE_DEFAULTS = dict(  # the reproductions' settings, quoted in the README; --quick shrinks them for tests
+    probes=dict(budget=280, eval_interval=50),
+    text=dict(dataset="shakespeare", budget=600, eval_interval=100),
+    images=dict(dataset="mnist5k", budget=480, eval_interval=100, smt_args="--context_len=128 --future_len=32",
+               bptt_args="--seq_len=256 --batch_size=8"),
+)
+QUICK = dict(budget=8, eval_interval=1000)  # one evaluation, at the end
 
 
 def emit(cfg, **record):
@@ -226,19 +257,144 @@ def gradients(cfg, T):
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "gradients.png"
-    plot(path, norms)
+    plot(path, {name: (COLORS[name], list(enumerate(values, start=1))) for name, values in norms.items()},
+         "DISTANCE D", "GRAD NORM", log_y=True)
     emit(cfg, suite="gradients", png=str(path), bptt_color="red", smt_color="blue")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reproductions: real training runs of train.py, SMT then DMT in one lane against BPTT in the other, side by side
+# with one thread each, so both get the same wall-clock on the same (shared) machine. Budgets are training seconds
+# (train.py's time_budget: evaluation is not counted), the SMT lane's split between SMT and DMT by --dmt_share.
+
+def progress(line):
+    sys.stderr.write(line + "\n")  # one write: the two lanes' threads print whole lines
+    sys.stderr.flush()
+
+
+def train(cfg, name, args):
+    """Runs `python train.py args` into cfg.out/name (emptied first: it is this suite's own output), its log in
+    train.log there; returns its log.jsonl records."""
+    out = Path(cfg.out) / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads or 1))
+    progress(f"{name}: python train.py {' '.join(args)} (log: {out / 'train.log'})")
+    with open(out / "train.log", "w") as log:
+        done = subprocess.run([sys.executable, str(HERE / "train.py"), *args, f"--out_dir={out}", "--seed="
+                               f"{cfg.seed}"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        raise UsageError(f"the {name} run failed (exit {done.returncode}): see {out / 'train.log'}")
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    progress(f"{name}: done, {records[-1]['iter']} iterations")
+    return records, out
+
+
+def race(cfg, name, common):
+    """SMT for (1 - dmt_share) of the budget, then DMT on its RNN for the rest, against BPTT for the whole budget,
+    the two lanes side by side. Returns {"smt+dmt" (or "smt"): ..., "bptt": ...}, each ([log records], the out_dir
+    of its last run); the DMT records' elapsed and iter are counted from SMT's start."""
+    smt_budget = round(cfg.budget * (1 - cfg.dmt_share))
+
+    def smt_then_dmt():
+        records, out = train(cfg, f"{name}-smt", [f"--time_budget={smt_budget}", "--method=smt", *common,
+                                             *cfg.smt_args.split()])
+        if cfg.dmt_share == 0:
+            return records, out
+        dmt, out = train(cfg, f"{name}-dmt", [f"--time_budget={cfg.budget - smt_budget}", "--method=dmt",
+                                         f"--init_from={Path(cfg.out) / f'{name}-smt'}", *common,
+                                         *cfg.dmt_args.split()])
+        last = records[-1]  # DMT's first record is the SMT RNN again: left out; time and iterations add up
+        return records + [dict(r, elapsed=r["elapsed"] + last["elapsed"], iter=r["iter"] + last["iter"])
+                          for r in dmt[1:]], out
+
+    with ThreadPoolExecutor(2) as pool:
+        smt_lane = pool.submit(smt_then_dmt)
+        bptt_lane = pool.submit(train, cfg, f"{name}-bptt", [f"--time_budget={cfg.budget}", "--method=bptt",
+                                                             *common, *cfg.bptt_args.split()])
+        return {"smt+dmt" if cfg.dmt_share else "smt": smt_lane.result(), "bptt": bptt_lane.result()}
+
+
+def curve(records, key):
+    return [(r["elapsed"], r[key]) for r in records if key in r]
+
+
+def probes(cfg, lengths):
+    """Accuracy of the RNN alone (from its empty memory, whole task sequences) on each probe and task length,
+    SMT then DMT against BPTT with the same wall-clock. Batches hold 2,048 tokens at every length (batch
+    2048 / task_len). One PNG per task: accuracy against training seconds, one line per method and length."""
+    for task in cfg.tasks.split(","):
+        if task not in PROBES:
+            raise UsageError(f"--tasks takes probes among {', '.join(PROBES)}, not '{task}'")
+    for task in cfg.tasks.split(","):
+        series = {}
+        for L, shade in zip(lengths, (1.0, 0.65, 0.35, 0.2)):
+            common = [f"--dataset={task}", f"--task_len={L}", f"--num_symbols={cfg.num_symbols}",
+                      f"--batch_size={max(1, 2048 // L)}", f"--eval_interval={cfg.eval_interval}"]
+            logs = race(cfg, f"{task}-{L}", common)
+            for method, (records, _) in logs.items():
+                acc = curve(records, "val_rnn_acc")
+                teacher = {"teacher_acc": records[-1]["val_teacher_acc"]} if method != "bptt" else {}
+                emit(cfg, suite="probes", task=task, task_len=L, method=method, rnn_acc=acc[-1][1],
+                     best_rnn_acc=max(a for _, a in acc), **teacher, seconds=acc[-1][0],
+                     iters=records[-1]["iter"], curve=acc if cfg.json else len(acc))
+                color = tuple(round(255 - (255 - c) * shade) for c in COLORS[method])
+                series[f"{method} {L}"] = (color, acc)
+        path = Path(cfg.out) / f"probe-{task}.png"
+        plot(path, series, "TRAINING SECONDS", f"{task} - RNN ACCURACY", y_range=(0, 1), x_from=0)
+        emit(cfg, suite="probes", task=task, png=str(path))
+
+
+def text(cfg):
+    """The RNN's held-out bits per token (from its empty memory, 128-token windows) against training seconds on a
+    text dataset (Shakespeare's bytes) with train.py's CPU defaults: SMT then DMT against BPTT. A PNG of both."""
+    logs = race(cfg, "text", [f"--dataset={cfg.dataset}", f"--eval_interval={cfg.eval_interval}"])
+    series = {}
+    for method, (records, _) in logs.items():
+        bits = curve(records, "val_rnn_bpb")
+        emit(cfg, suite="text", method=method, rnn_bpb=bits[-1][1], seconds=bits[-1][0],
+             iters=records[-1]["iter"], curve=bits if cfg.json else len(bits))
+        series[method] = (COLORS[method], bits)
+    path = Path(cfg.out) / "text.png"
+    plot(path, series, "TRAINING SECONDS", "RNN BITS PER TOKEN (HELD OUT)", x_from=0)
+    emit(cfg, suite="text", png=str(path))
+
+
+def images(cfg):
+    """Pixels in raster order (the mnist5k digits: a pip download): SMT then DMT against BPTT, then each RNN alone
+    draws digits from its empty memory and completes held-out digits from their top 14 rows (sample.py): PNGs."""
+    logs = race(cfg, "images", [f"--dataset={cfg.dataset}", f"--eval_interval={cfg.eval_interval}"])
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads or 1))
+    for method, (records, run_dir) in logs.items():
+        emit(cfg, suite="images", method=method, rnn_bits_per_pixel=records[-1]["val_rnn_bpb"],
+             seconds=records[-1]["elapsed"], iters=records[-1]["iter"])
+        for rows, kind in ((14, "completions"), (0, "samples")):
+            done = subprocess.run([sys.executable, str(HERE / "sample.py"), f"--out_dir={run_dir}", "--num_samples=8",
+                                   f"--prompt_rows={rows}", f"--seed={cfg.seed}", "--device=cpu"],
+                                  capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise UsageError(f"sampling {run_dir} failed: {done.stderr.strip().splitlines()[-1]}")
+            path = Path(cfg.out) / f"images-{method.split('+')[0]}-{kind}.png"
+            (run_dir / "samples.png").replace(path)
+            emit(cfg, suite="images", method=method, png=str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # A PNG line plot written by hand: an RGB pixel grid, a 3x5 pixel font, zlib and struct.
 
-FONT = dict(zip("0123456789-.ABCDEGIMNOPRST ", """
-111101101101111 010110010010111 111001111100111 111001111001111 101101111001001 111100111001111 111100111101111
-111001001010010 111101111101111 111101111001111 000000111000000 000000000000010 010101111101101 110101110101110
-011100100100011 110101101101110 111100110100111 011100101101011 111010010010111 101111111101101 110101101101101
-010101101101010 110101110100100 110101110101101 011100010001110 111010010010010 000000000000000""".split()))
+GLYPHS = """
+0 111101101101111 1 010110010010111 2 111001111100111 3 111001111001111 4 101101111001001 5 111100111001111
+6 111100111101111 7 111001001010010 8 111101111101111 9 111101111001111 - 000000111000000 . 000000000000010
+A 010101111101101 B 110101110101110 C 011100100100011 D 110101101101110 E 111100110100111 F 111100110100100
+G 011100101101011 H 101101111101101 I 111010010010111 J 001001001101010 K 101101110101101 L 100100100100111
+M 101111111101101 N 110101101101101 O 010101101101010 P 110101110100100 Q 010101101110011 R 110101110101101
+S 011100010001110 T 111010010010010 U 101101101101111 V 101101101101010 W 101101111111101 X 101101010101101
+Y 101101010010010 Z 111001010100111 / 001001010100100 : 000010000010000 = 000111000111000 _ 000000000000111
+, 000000000010100 ( 010100100100010 ) 010001001001010 > 100010001010100
++ 000010111010000"""
+FONT = dict(zip(GLYPHS.split()[::2], GLYPHS.split()[1::2]), **{" ": "0" * 15})
 RED, BLUE, GREY, BLACK = (220, 40, 40), (40, 70, 220), (215, 215, 215), (0, 0, 0)
+COLORS = {"smt": BLUE, "smt+dmt": BLUE, "bptt": RED}
 
 
 class Canvas:
@@ -274,35 +430,43 @@ class Canvas:
                                + chunk(b"IEND", b""))
 
 
-def plot(path, series):
-    """Log-scale y against distance 1..T, one line per series (bptt red, smt blue), decade grid lines."""
-    width, height, left, right, top, bottom = 640, 400, 70, 20, 30, 40
-    values = [v for s in series.values() for v in s if v > 0]
-    lo, hi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
-    hi = max(hi, lo + 1)
-    T = len(next(iter(series.values())))
+def plot(path, series, x_label, y_label, log_y=False, y_range=None, x_from=None):
+    """A line plot as a PNG. series: {label: (color, [(x, y), ...])}; log_y draws decade grid lines, otherwise
+    five; y_range fixes the y axis (lo, hi), else it spans the data; x_from fixes where the x axis starts."""
+    width, height, left, right, top, bottom = 720, 420, 70, 20, 30 + 14 * len(series), 40
+    xs = [x for _, points in series.values() for x, _ in points]
+    f = (lambda v: math.log10(max(v, 1e-30))) if log_y else (lambda v: v)
+    ys = [f(y) for _, points in series.values() for _, y in points if y > 0 or not log_y]
+    lo, hi = y_range and map(f, y_range) or (min(ys), max(ys))
+    if log_y:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    hi = hi if hi > lo else lo + 1
+    x_lo, x_hi = min(xs) if x_from is None else x_from, max(xs)
+    x_hi = x_hi if x_hi > x_lo else x_lo + 1
     canvas = Canvas(width, height)
 
-    def px(d, v):
-        x = left + (d - 1) / max(1, T - 1) * (width - left - right)
-        y = top + (hi - math.log10(max(v, 10.0 ** lo))) / (hi - lo) * (height - top - bottom)
-        return round(x), round(y)
-    for decade in range(lo, hi + 1):
-        y = px(1, 10.0 ** decade)[1]
+    def px(x, y):
+        return (round(left + (x - x_lo) / (x_hi - x_lo) * (width - left - right)),
+                round(top + (hi - min(max(f(y), lo), hi)) / (hi - lo) * (height - top - bottom)))
+    for k in range(lo, hi + 1) if log_y else range(6):
+        v = 10.0 ** k if log_y else lo + (hi - lo) * k / 5
+        y = px(x_lo, v)[1]
         canvas.line(left, y, width - right, y, GREY)
-        canvas.text(4, y - 5, f"1E{decade}")
+        canvas.text(4, y - 5, f"1E{k}" if log_y else f"{v:.3g}")
     canvas.line(left, top, left, height - bottom, BLACK)
     canvas.line(left, height - bottom, width - right, height - bottom, BLACK)
-    canvas.text(left, height - bottom + 8, "1")
-    canvas.text(width - right - 8 * len(str(T)), height - bottom + 8, str(T))
-    canvas.text(width // 2 - 40, height - bottom + 8, "DISTANCE D")
-    canvas.text(left, 8, "GRAD NORM")
-    for (name, values), color, row in zip(series.items(), (RED, BLUE), (8, 22)):
-        points = [px(d, v) for d, v in enumerate(values, start=1)]
+    canvas.text(left, height - bottom + 8, f"{x_lo:g}")
+    canvas.text(width - right - 8 * len(f"{x_hi:g}"), height - bottom + 8, f"{x_hi:g}")
+    canvas.text(width // 2 - 4 * len(x_label), height - bottom + 8, x_label)
+    canvas.text(left, 8, y_label)
+    for row, (label, (color, points)) in enumerate(series.items()):
+        points = [px(x, y) for x, y in points]
         for (x0, y0), (x1, y1) in zip(points, points[1:]):
             canvas.line(x0, y0, x1, y1, color, size=2)
-        canvas.line(width - 110, row + 4, width - 80, row + 4, color, size=2)
-        canvas.text(width - 70, row, name)
+        for x, y in points:
+            canvas.dot(x - 1, y - 1, color, size=3)
+        canvas.line(left + 10, 26 + 14 * row + 4, left + 40, 26 + 14 * row + 4, color, size=2)
+        canvas.text(left + 50, 26 + 14 * row, label)
     canvas.save(path)
 
 
@@ -329,7 +493,17 @@ def main(argv):
             raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.suite == "scaling":
+    if cfg.suite in SUITE_DEFAULTS:
+        given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+        defaults = dict(SUITE_DEFAULTS[cfg.suite], **(QUICK if cfg.quick else {}))
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
+        if cfg.budget <= 0 or not 0 <= cfg.dmt_share < 1 or cfg.eval_interval <= 0:
+            raise UsageError("--budget and --eval_interval must be positive, --dmt_share in [0, 1)")
+    if cfg.suite == "probes":
+        probes(cfg, parse_lengths(cfg, [16] if cfg.quick else [64, 256, 1024]))
+    elif cfg.suite in ("text", "images"):
+        (text if cfg.suite == "text" else images)(cfg)
+    elif cfg.suite == "scaling":
         scaling(cfg, parse_lengths(cfg, [64, 128, 256, 512, 1024]))
     elif cfg.suite == "inference":
         inference(cfg, parse_lengths(cfg, [512, 1024, 2048, 4096]))

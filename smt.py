@@ -104,10 +104,12 @@ def smt_loss(model, x, y, cfg):
     ends, index = torch.unique(torch.cat([t, t + 1]), return_inverse=True)
     mem = model.memories(x, ends)  # one encoder call for both ends of every transition, each memory once
     m_now, m_next = mem[:, index[:P]], mem[:, index[P:]]
-    pred = model.step(m_now.flatten(0, 1), x[:, t + 1].reshape(-1)).view_as(m_next)
+    d = torch.randperm(P, device=x.device)[: min(P, cfg.dec_positions)]
+    # memory_noise: the RNN learns to step from near the teacher's memories, not only from them (robust to drift)
+    noisy = m_now + cfg.memory_noise * torch.randn_like(m_now) if cfg.memory_noise else m_now
+    pred = model.step(noisy.flatten(0, 1), x[:, t + 1].reshape(-1)).view_as(m_next)
     target = m_next.detach() if cfg.detach_target else m_next
     dyn = F.mse_loss(pred.float(), target.float())
-    d = torch.randperm(P, device=x.device)[: min(P, cfg.dec_positions)]
     dec, first = decoder_loss(model, m_now[:, d], x, y, t[d], cfg.future_len, cfg.gamma)
     unif = uniformity(mem)
     loss = cfg.coef_dec * dec + cfg.coef_dyn * dyn + cfg.coef_unif * unif

@@ -2,12 +2,17 @@
 Timings are noisy on a shared machine, so only structural facts are checked."""
 import json
 import math
+import struct
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import bench
+import data
 from conftest import run
 from data import UsageError
+from test_data import idx_images, server  # noqa: F401  (a fixture)
 
 
 def records(tmp_path, *args):
@@ -65,6 +70,63 @@ def test_gradients(tmp_path):
     assert png.endswith("gradients.png") and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
 
 
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def lanes_raced(out, suite, key):
+    """The records of a reproduction: SMT then DMT in one lane, BPTT in the other, each with a score and iterations."""
+    scores = {r["method"]: r for r in out if key in r}
+    assert set(scores) == {"smt+dmt", "bptt"}
+    for r in scores.values():
+        assert r["suite"] == suite and r["iters"] > 0 and r["seconds"] > 0 and math.isfinite(r[key])
+    return scores
+
+
+def test_probes_race_smt_then_dmt_against_bptt(tmp_path):
+    out = records(tmp_path, "--suite=probes", "--tasks=retrieval", "--lengths=16", "--budget=6", "--out=runs")
+    scores = lanes_raced(out, "probes", "rnn_acc")
+    for r in scores.values():
+        assert r["task"] == "retrieval" and r["task_len"] == 16 and 0 <= r["rnn_acc"] <= r["best_rnn_acc"] <= 1
+        assert r["curve"][-1] == [r["seconds"], r["rnn_acc"]]
+    runs = tmp_path / "runs"
+    dmt = [json.loads(line) for line in (runs / "retrieval-16-dmt" / "log.jsonl").read_text().splitlines()]
+    assert dmt[0]["iter"] == 0 and dmt[-1]["iter"] > 0  # DMT went on from the SMT run's RNN
+    smt_seconds = json.loads((runs / "retrieval-16-smt" / "log.jsonl").read_text().splitlines()[-1])["elapsed"]
+    smt_iters = json.loads((runs / "retrieval-16-smt" / "log.jsonl").read_text().splitlines()[-1])["iter"]
+    assert scores["smt+dmt"]["seconds"] == pytest.approx(smt_seconds + dmt[-1]["elapsed"], abs=0.01)
+    assert scores["smt+dmt"]["iters"] == smt_iters + dmt[-1]["iter"]
+    assert png_size(runs / "probe-retrieval.png") == (720, 420)
+
+
+def test_text_race(tmp_path, text_file):
+    out = records(tmp_path, "--suite=text", f"--dataset={text_file}", "--budget=6", "--out=runs")
+    scores = lanes_raced(out, "text", "rnn_bpb")
+    for method, run_dir in (("bptt", "text-bptt"), ("smt+dmt", "text-dmt")):  # each lane's last evaluation
+        last = json.loads((tmp_path / "runs" / run_dir / "log.jsonl").read_text().splitlines()[-1])
+        assert scores[method]["rnn_bpb"] == last["val_rnn_bpb"]
+    assert png_size(tmp_path / "runs" / "text.png") == (720, 420)
+
+
+def test_images_race_draws_and_completes_digits(tmp_path, server):
+    rng = np.random.default_rng(0)
+    digits = np.zeros((12, 28, 28), np.uint8)
+    for i, d in enumerate(digits):
+        d[4:24, 10 + i % 5: 14 + i % 5] = rng.integers(200, 256, (20, 4))
+    server.files.update({"train-images-idx3-ubyte.gz": idx_images(digits[:9]),
+                         "t10k-images-idx3-ubyte.gz": idx_images(digits[9:])})
+    data.prepare(data.DataConfig("mnist", str(tmp_path / "data"), url=server.url))
+    out = records(tmp_path, "--suite=images", "--dataset=mnist", "--budget=6", "--out=runs", "--smt_args=--context_len"
+                  "=32 --future_len=8 --batch_size=8", "--bptt_args=--seq_len=64 --batch_size=4")
+    lanes_raced(out, "images", "rnn_bits_per_pixel")
+    pngs = {Path(r["png"]).name for r in out if "png" in r}
+    assert pngs == {f"images-{lane}-{kind}.png" for lane in ("smt", "bptt") for kind in ("completions", "samples")}
+    assert png_size(tmp_path / "runs" / "images-bptt-completions.png") == (4 * (2 * 30 + 2), 4 * (8 * 30 + 2))
+    assert png_size(tmp_path / "runs" / "images-smt-samples.png") == (4 * 32, 4 * (8 * 30 + 2))
+
+
 def test_table_output(tmp_path, capsys):
     bench.main(["--suite=gradients", "--lengths=8", f"--out={tmp_path}"])
     lines = capsys.readouterr().out.splitlines()
@@ -88,6 +150,9 @@ def test_bad_input_cli(tmp_path, args, message):
     (["--suite=gradients", "--lengths=16,32"], "takes one length"),
     (["--suite=throughput", "--lengths=16,32"], "takes one length"),
     (["--suite=throughput", "--repeats=-1"], "--repeats must not be negative"),
+    (["--suite=probes", "--tasks=retrieval,sorting"], "--tasks takes probes among"),
+    (["--suite=text", "--dmt_share=1"], r"--dmt_share in \[0, 1\)"),
+    (["--suite=images", "--budget=0"], "--budget and --eval_interval must be positive"),
 ])
 def test_bad_input(args, message):
     with pytest.raises(UsageError, match=message):  # run_cli turns it into one line and exit 2, as above

@@ -387,5 +387,12 @@ def test_train_on_a_probe(tmp_path):
     assert 0 <= record["val_rnn_acc"] <= 1 and 0 <= record["val_teacher_acc"] <= 1
     config = torch.load(out / "ckpt.pt", weights_only=True)["config"]
     assert config["context_len"] == config["future_len"] == 16  # the whole task is seen and predicted
+    assert config["memory_noise"] == 0.3 and config["dec_positions"] == 4  # the probes' SMT defaults
+    # DMT takes the probe and its defaults from the SMT run, though its command line names neither
+    shapes = [a for a in shapes if a.split("=")[0] != "--dmt_steps"]
+    cli(tmp_path, "train.py", "--method=dmt", f"--init_from={out}", f"--out_dir={tmp_path / 'dmt'}", *shapes,
+        "--max_iters=2", "--eval_interval=2")
+    config = torch.load(tmp_path / "dmt" / "ckpt.pt", weights_only=True)["config"]
+    assert (config["dataset"], config["dmt_steps"], config["dmt_coef_readout"]) == ("keys_values", 15, 0.0)
     bad = run("train.py", "--dataset=copy", "--task_len=4", f"--out_dir={out}", cwd=tmp_path)
     one_error_line(bad, "--task_len must be at least 8")

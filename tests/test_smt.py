@@ -143,6 +143,19 @@ def test_loss_falls_on_a_tiny_batch(method):
     assert losses[-1] < 0.6 * losses[0], losses[::10]
 
 
+def test_memory_noise_perturbs_only_the_rnn_input():
+    """memory_noise: the RNN steps from a noisy teacher memory; the target and the decoder's memory stay clean."""
+    model = tiny_model()
+    x = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(0))
+    y = torch.roll(x, -1, dims=1)
+    stats = {}
+    for noise in (0.0, 1.0):
+        torch.manual_seed(0)
+        stats[noise] = smt.smt_loss(model, x, y, tiny_cfg(future_len=4, memory_noise=noise))[1]
+    assert stats[1.0]["dec"] == stats[0.0]["dec"] and stats[1.0]["unif"] == stats[0.0]["unif"]
+    assert stats[1.0]["dyn"] > stats[0.0]["dyn"]
+
+
 def test_dmt_lowers_its_loss_and_trains_only_the_rnn():
     torch.manual_seed(0)
     model = tiny_model()
