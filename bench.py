@@ -328,7 +328,8 @@ def probes(cfg, lengths):
             raise UsageError(f"--tasks takes probes among {', '.join(PROBES)}, not '{task}'")
     for task in cfg.tasks.split(","):
         series = {}
-        for L, shade in zip(lengths, (1.0, 0.65, 0.35, 0.2)):
+        for i, L in enumerate(lengths):
+            shade = 1 - 0.75 * i / max(1, len(lengths) - 1)  # the longer the task, the paler its lines
             common = [f"--dataset={task}", f"--task_len={L}", f"--num_symbols={cfg.num_symbols}",
                       f"--batch_size={max(1, 2048 // L)}", f"--eval_interval={cfg.eval_interval}"]
             logs = race(cfg, f"{task}-{L}", common)
