@@ -93,11 +93,24 @@ def decoder_loss(model, m, x, y, pos, future_len, gamma):
     return loss, first
 
 
+def dynamics_error(pred, target, before, weighting):
+    """L_dyn: the MSE of predicted against target memories (..., K, d). weighting="change" adds to each transition's
+    weight of 1 how far the teacher's memory moves in it (||target - before||^2 over its batch mean, detached),
+    then halves: the rare transitions that write something (a probe's needle) would otherwise drown among the many
+    that only keep, and those that keep still count."""
+    err = ((pred.float() - target.float()) ** 2).mean(dim=(-2, -1))
+    if weighting == "change":
+        change = ((target.detach().float() - before.detach().float()) ** 2).mean(dim=(-2, -1))
+        err = err * (1 + change / change.mean().clamp(min=1e-12)) / 2
+    return err.mean()
+
+
 def smt_loss(model, x, y, cfg):
     """SMT (section 4): L = coef_dec L_dec + coef_dyn L_dyn + coef_unif L_unif, every selected transition at once.
 
     Memories come from the teacher encoder for t and t+1; the RNN makes exactly one step from the teacher's m_t, so
-    no gradient crosses more than one RNN step. cfg.detach_target stops L_dyn from shaping the encoder's targets."""
+    no gradient crosses more than one RNN step. cfg.detach_target stops L_dyn from shaping the encoder's targets.
+    With cfg.coef_recall, + coef_recall L_recall (recall_loss on every target memory; not in the paper)."""
     B, L = x.shape
     t = positions_for(cfg, L, x.device)  # (P,)
     P = t.numel()
@@ -109,11 +122,26 @@ def smt_loss(model, x, y, cfg):
     noisy = m_now + cfg.memory_noise * torch.randn_like(m_now) if cfg.memory_noise else m_now
     pred = model.step(noisy.flatten(0, 1), x[:, t + 1].reshape(-1)).view_as(m_next)
     target = m_next.detach() if cfg.detach_target else m_next
-    dyn = F.mse_loss(pred.float(), target.float())
+    dyn = dynamics_error(pred, target, m_now, cfg.dyn_weighting)
     dec, first = decoder_loss(model, m_now[:, d], x, y, t[d], cfg.future_len, cfg.gamma)
     unif = uniformity(mem)
     loss = cfg.coef_dec * dec + cfg.coef_dyn * dyn + cfg.coef_unif * unif
-    return loss, dict(dec=dec.item(), dyn=dyn.item(), unif=unif.item(), teacher_bpb=first.item() / LN2)
+    stats = dict(dec=dec.item(), dyn=dyn.item(), unif=unif.item(), teacher_bpb=first.item() / LN2)
+    if cfg.coef_recall:
+        recall = recall_loss(model, m_next, x[:, t + 1])
+        loss = loss + cfg.coef_recall * recall
+        stats["recall"] = recall.item()
+    return loss, stats
+
+
+def recall_loss(model, m, tokens):
+    """CE of naming the last input from its memory, m (..., K, d) against tokens (...): the mean memory token
+    scored against the encoder's input embeddings. A memory may otherwise leave out what it just read whenever
+    the future inputs the decoder is given imply it (a probe's marker, right before the needle), and then the
+    next memory cannot be computed from it: the RNN's step would have no rule to learn."""
+    d = m.size(-1)
+    logits = m.float().mean(-2).reshape(-1, d) @ model.encoder.embed.weight.T / math.sqrt(d)  # (N, V)
+    return F.cross_entropy(logits, tokens.reshape(-1))
 
 
 def bptt_loss(model, x, y, cfg):
@@ -141,7 +169,7 @@ def dmt_loss(model, x, y, cfg):
     m_hat = torch.stack(own, dim=1)[:, j]
     inputs = x[:, t0 + 2 + j]
     pred = model.step(m_hat.flatten(0, 1), inputs.reshape(-1)).view_as(m_hat)
-    dyn = F.mse_loss(pred.float(), teacher[:, j + 2].float())
+    dyn = dynamics_error(pred, teacher[:, j + 2], teacher[:, j + 1], cfg.dyn_weighting)
     unif = uniformity(pred)
     ce = readout_ce(model, pred.detach(), y[:, t0 + 2 + j])
     readout = mean_bits(ce, y[:, t0 + 2 + j]) * LN2

@@ -81,6 +81,8 @@ class Config:
     coef_dyn: float = 0.1
     coef_unif: float = 0.001
     gamma: float = 1.0  # discount of the decoder loss k steps ahead
+    coef_recall: float = 0.0  # each memory names its last input (keeps memories Markov; see smt.recall_loss)
+    dyn_weighting: str = "uniform"  # uniform | change: transitions weighted by how far the teacher memory moves
     memory_noise: float = 0.0  # std of Gaussian noise on the teacher memory the RNN steps from (robustness to drift)
     detach_target: bool = False  # True: the dynamics loss does not shape the encoder's target memory
     freeze: str = "none"  # none | teacher (train the RNN only) | rnn (train the teacher only)
@@ -107,9 +109,10 @@ METHODS = ("smt", "bptt", "tbptt", "dmt")
 def probe_defaults(task_len):
     """On a probe a training sequence is one whole task, which the teacher sees and predicts entirely. The rest is
     what let the RNN alone solve retrieval on a CPU (README): 4 decoder windows a sequence (each costs task_len
-    tokens), noisy teacher memories for the RNN's SMT step, DMT without the readout CE."""
+    tokens), memories that name their last input, the rare transitions that write weighted up, noisy teacher
+    memories for the RNN's SMT step, DMT without the readout CE."""
     return dict(context_len=task_len, future_len=task_len, seq_len=task_len, dmt_steps=task_len - 1,
-                dec_positions=4, memory_noise=0.3, dmt_coef_readout=0.0)
+                dec_positions=4, coef_recall=0.1, dyn_weighting="change", memory_noise=0.3, dmt_coef_readout=0.0)
 
 
 def load_config(argv):
@@ -140,6 +143,7 @@ def check_config(cfg):
     one_of("readout", READOUTS)
     one_of("lr_schedule", ("constant", "cosine"))
     one_of("freeze", ("none", "teacher", "rnn"))
+    one_of("dyn_weighting", ("uniform", "change"))
     one_of("dtype", ("float32", "bfloat16"))
     for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum", "d_model",
                 "n_heads", "mem_tokens", "context_len", "future_len", "seq_len", "dec_positions", "bptt_window",
@@ -147,7 +151,7 @@ def check_config(cfg):
         if getattr(cfg, key) <= 0:
             raise UsageError(f"--{key} must be positive, not {getattr(cfg, key)}")
     for key in ("encoder_depth", "decoder_depth", "rnn_depth", "warmup_iters", "lr", "weight_decay", "grad_clip",
-                "time_budget", "coef_dec", "coef_dyn", "coef_unif", "gamma"):
+                "time_budget", "coef_dec", "coef_dyn", "coef_unif", "coef_recall", "gamma"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
@@ -233,8 +237,8 @@ def restore(cfg, given):
 @torch.no_grad()
 def evaluate(model, cfg, batches, autocast):
     """Held-out numbers: the RNN's own bits per byte (from empty; after teacher priming), or on a probe its
-    accuracy at the target positions (from empty, whole task sequences); for SMT, the teacher's losses. Always
-    the same val windows (a fixed generator), so evaluations compare."""
+    accuracy at the target positions (from empty, whole task sequences) and the teacher's; for SMT on text, the
+    teacher's losses. Always the same val windows (a fixed generator), so evaluations compare."""
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
     probe = cfg.dataset in PROBES
@@ -250,7 +254,7 @@ def evaluate(model, cfg, batches, autocast):
                     stats = smt.evaluate_probe(model, x, y, whole=batches.meta["whole_answer"])
                 else:
                     stats = smt.evaluate_rnn(model, x, y, cfg.context_len, primed=model.encoder is not None)
-                if model.encoder is not None:
+                if model.encoder is not None and not probe:  # probes: teacher_acc says it; the losses cost a lot
                     L = cfg.context_len + cfg.future_len
                     stats.update(smt.smt_loss(model, x[:, :L], y[:, :L], cfg)[1])
             for k, v in stats.items():

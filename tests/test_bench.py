@@ -86,18 +86,27 @@ def lanes_raced(out, suite, key):
 
 
 def test_probes_race_smt_then_dmt_against_bptt(tmp_path):
-    out = records(tmp_path, "--suite=probes", "--tasks=retrieval", "--lengths=16", "--budget=6", "--out=runs")
-    scores = lanes_raced(out, "probes", "rnn_acc")
-    for r in scores.values():
-        assert r["task"] == "retrieval" and r["task_len"] == 16 and 0 <= r["rnn_acc"] <= r["best_rnn_acc"] <= 1
-        assert r["curve"][-1] == [r["seconds"], r["rnn_acc"]]
+    """SMT then DMT train once on short tasks and are scored at every length; BPTT trains at each length."""
+    out = records(tmp_path, "--suite=probes", "--tasks=retrieval", "--lengths=16,24", "--train_len=16",
+                  "--budget=5", "--out=runs")
+    scores = {(r["method"], r["task_len"]): r for r in out if "rnn_acc" in r}
+    assert set(scores) == {(m, L) for m in ("smt+dmt", "bptt") for L in (16, 24)}
+    assert [scores["smt+dmt", L]["trained_len"] for L in (16, 24)] == [16, 16]
+    assert [scores["bptt", L]["trained_len"] for L in (16, 24)] == [16, 24]
     runs = tmp_path / "runs"
+    assert not (runs / "retrieval-24-smt").exists()  # one SMT run, at the training length
+    for (method, L), r in scores.items():
+        assert r["suite"] == "probes" and r["task"] == "retrieval" and 0 <= r["rnn_acc"] <= 1 and r["iters"] > 0
+        assert ("teacher_acc" in r) == (method == "smt+dmt") and r["seconds"] > 0
+    for method, run in (("smt+dmt", "retrieval-16-dmt"), ("bptt", "retrieval-16-bptt")):  # as train.py scored it
+        last = json.loads((runs / run / "log.jsonl").read_text().splitlines()[-1])
+        assert scores[method, 16]["rnn_acc"] == last["val_rnn_acc"] == scores[method, 16]["curve"][-1][1]
+        assert bench.score_at_length(runs / run, 16) == {k[4:]: v for k, v in last.items() if k.startswith("val_")}
     dmt = [json.loads(line) for line in (runs / "retrieval-16-dmt" / "log.jsonl").read_text().splitlines()]
     assert dmt[0]["iter"] == 0 and dmt[-1]["iter"] > 0  # DMT went on from the SMT run's RNN
-    smt_seconds = json.loads((runs / "retrieval-16-smt" / "log.jsonl").read_text().splitlines()[-1])["elapsed"]
-    smt_iters = json.loads((runs / "retrieval-16-smt" / "log.jsonl").read_text().splitlines()[-1])["iter"]
-    assert scores["smt+dmt"]["seconds"] == pytest.approx(smt_seconds + dmt[-1]["elapsed"], abs=0.01)
-    assert scores["smt+dmt"]["iters"] == smt_iters + dmt[-1]["iter"]
+    smt_last = json.loads((runs / "retrieval-16-smt" / "log.jsonl").read_text().splitlines()[-1])
+    assert scores["smt+dmt", 24]["seconds"] == pytest.approx(smt_last["elapsed"] + dmt[-1]["elapsed"], abs=0.01)
+    assert scores["smt+dmt", 24]["iters"] == smt_last["iter"] + dmt[-1]["iter"]
     assert png_size(runs / "probe-retrieval.png") == (720, 420)
 
 
@@ -151,6 +160,7 @@ def test_bad_input_cli(tmp_path, args, message):
     (["--suite=throughput", "--lengths=16,32"], "takes one length"),
     (["--suite=throughput", "--repeats=-1"], "--repeats must not be negative"),
     (["--suite=probes", "--tasks=retrieval,sorting"], "--tasks takes probes among"),
+    (["--suite=probes", "--train_len=4"], "--train_len must be 0"),
     (["--suite=text", "--dmt_share=1"], r"--dmt_share in \[0, 1\)"),
     (["--suite=images", "--budget=0"], "--budget and --eval_interval must be positive"),
 ])

@@ -388,6 +388,7 @@ def test_train_on_a_probe(tmp_path):
     config = torch.load(out / "ckpt.pt", weights_only=True)["config"]
     assert config["context_len"] == config["future_len"] == 16  # the whole task is seen and predicted
     assert config["memory_noise"] == 0.3 and config["dec_positions"] == 4  # the probes' SMT defaults
+    assert config["coef_recall"] == 0.1 and config["dyn_weighting"] == "change"
     # DMT takes the probe and its defaults from the SMT run, though its command line names neither
     shapes = [a for a in shapes if a.split("=")[0] != "--dmt_steps"]
     cli(tmp_path, "train.py", "--method=dmt", f"--init_from={out}", f"--out_dir={tmp_path / 'dmt'}", *shapes,

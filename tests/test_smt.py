@@ -156,6 +156,34 @@ def test_memory_noise_perturbs_only_the_rnn_input():
     assert stats[1.0]["dyn"] > stats[0.0]["dyn"]
 
 
+def test_change_weighting_counts_the_transitions_that_write():
+    """dyn_weighting=change: weight (1 + change / mean change) / 2 per transition; uniform is the plain MSE."""
+    before = torch.zeros(2, 1, 4)
+    target = torch.stack([torch.zeros(1, 4), torch.full((1, 4), 2.0)])  # transition 0 keeps, 1 writes (change 4)
+    pred = target + torch.stack([torch.full((1, 4), 1.0), torch.full((1, 4), 1.0)])  # both off by 1 (error 1)
+    assert smt.dynamics_error(pred, target, before, "uniform") == pytest.approx(F.mse_loss(pred, target).item())
+    assert smt.dynamics_error(pred, target, before, "change") == pytest.approx((0.5 * 1 + 1.5 * 1) / 2)
+    pred_off_on_write = target + torch.stack([torch.zeros(1, 4), torch.full((1, 4), 1.0)])
+    pred_off_on_keep = target + torch.stack([torch.full((1, 4), 1.0), torch.zeros(1, 4)])
+    assert smt.dynamics_error(pred_off_on_write, target, before, "change") == pytest.approx(0.75)
+    assert smt.dynamics_error(pred_off_on_keep, target, before, "change") == pytest.approx(0.25)
+
+
+def test_recall_makes_memories_name_their_last_input():
+    """recall_loss is low for memories that carry their last input's embedding, high for others; in smt_loss it
+    shapes only the teacher (the RNN's step does not enter it)."""
+    model = tiny_model()
+    tokens = torch.randint(0, 32, (8, 5), generator=torch.Generator().manual_seed(0))
+    naming = 3 * model.encoder.embed.weight[tokens].detach()[..., None, :].expand(-1, -1, 2, -1)  # (8, 5, K, d)
+    assert smt.recall_loss(model, naming, tokens) < smt.recall_loss(model, naming, tokens.roll(1, dims=0)) - 1
+    x = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(1))
+    cfg = tiny_cfg(future_len=4, coef_dec=0.0, coef_dyn=0.0, coef_unif=0.0, coef_recall=1.0)
+    loss, stats = smt.smt_loss(model, x, torch.roll(x, -1, dims=1), cfg)
+    loss.backward()
+    assert loss.item() == pytest.approx(stats["recall"]) and model.encoder.embed.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.cell.parameters())
+
+
 def test_dmt_lowers_its_loss_and_trains_only_the_rnn():
     torch.manual_seed(0)
     model = tiny_model()
