@@ -274,13 +274,23 @@ def progress(line):
     sys.stderr.flush()
 
 
+def one_thread_env(cfg):
+    """The environment of the runs this suite starts: one thread each (or --threads)."""
+    return dict(os.environ, OMP_NUM_THREADS=str(cfg.threads or 1))
+
+
+def val_scores(stats):
+    """An evaluation's val_* numbers, without the prefix."""
+    return {k.removeprefix("val_"): v for k, v in stats.items() if k.startswith("val_")}
+
+
 def train(cfg, name, args):
     """Runs `python train.py args` into cfg.out/name (emptied first: it is this suite's own output), its log in
     train.log there; returns its log.jsonl records."""
     out = Path(cfg.out) / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads or 1))
+    env = one_thread_env(cfg)
     progress(f"{name}: python train.py {' '.join(args)} (log: {out / 'train.log'})")
     with open(out / "train.log", "w") as log:
         done = subprocess.run([sys.executable, str(HERE / "train.py"), *args, f"--out_dir={out}", "--seed="
@@ -352,8 +362,7 @@ def probes(cfg, lengths):
                 records, out = run.result()
                 acc = curve(records, "val_rnn_acc")
                 for L in lengths if lane != "bptt" and cfg.train_len else [n]:
-                    scores = score_at_length(out, L) if L != n else {  # else its last evaluation says it
-                        k.removeprefix("val_"): v for k, v in records[-1].items() if k.startswith("val_")}
+                    scores = score_at_length(out, L) if L != n else val_scores(records[-1])  # as evaluated
                     emit(cfg, suite="probes", task=task, task_len=L, trained_len=n, method=lane, **scores,
                          seconds=acc[-1][0], iters=records[-1]["iter"], curve=acc if cfg.json else len(acc))
                 longer = math.log(n / lengths[0]) / max(1e-9, math.log(lengths[-1] / lengths[0]))
@@ -372,7 +381,7 @@ def score_at_length(run_dir, L):
     model = smt.build_model(ckpt["config"], ckpt["meta"]["vocab_size"], with_encoder=run.method != "bptt")
     model.load_state_dict(ckpt["model"])
     stats = evaluate(model, run, Probe(run, run.batch_size, run.seed), torch.autocast("cpu", enabled=False))
-    return {k.removeprefix("val_"): v for k, v in stats.items()}
+    return val_scores(stats)
 
 
 def text(cfg):
@@ -394,7 +403,7 @@ def images(cfg):
     """Pixels in raster order (the mnist5k digits: a pip download): SMT then DMT against BPTT, then each RNN alone
     draws digits from its empty memory and completes held-out digits from their top 14 rows (sample.py): PNGs."""
     logs = race(cfg, "images", [f"--dataset={cfg.dataset}", f"--eval_interval={cfg.eval_interval}"])
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads or 1))
+    env = one_thread_env(cfg)
     for method, (records, run_dir) in logs.items():
         emit(cfg, suite="images", method=method, rnn_bits_per_pixel=records[-1]["val_rnn_bpb"],
              seconds=records[-1]["elapsed"], iters=records[-1]["iter"])
