@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 
 import smt
-from data import PROBES, Probe, UsageError, parse_overrides, run_cli
-from train import Config, evaluate
+from checkpoint import load_checkpoint, load_weights
+from config import Config, UsageError, options_help, parse_overrides, run_cli
+from data import PROBES, Probe
 
 SUITES = ("scaling", "throughput", "inference", "gradients", "probes", "text", "images")
 HERE = Path(__file__).resolve().parent
@@ -57,7 +58,7 @@ class BenchConfig:
     tokens: int = 0  # scaling: tokens per batch, held fixed across lengths; 0: the suite's default
     batch_size: int = 0  # throughput: sequences per batch; 0: the suite's default
     threads: int = 0  # torch threads; 0: torch's default (1 is steadier on a machine shared with other jobs)
-    seed: int = 1337
+    seed: int = 1337  # random batches and initial weights; the reproductions' runs get it as --seed
     # reproductions (probes, text, images): training runs of train.py, two at a time, one thread each
     dataset: str = ""  # text: any text dataset of train.py (shakespeare); images: an image dataset (mnist5k)
     budget: float = 0.0  # training seconds per run; 0: the suite's (probes 360, text 600, images 480)
@@ -69,7 +70,7 @@ class BenchConfig:
     eval_interval: int = 0  # iterations between evaluations (points on the curves); 0: the suite's
     smt_args: str = ""  # extra train.py settings for the SMT lane, space-separated; "": the suite's
     bptt_args: str = ""  # the same for the BPTT lane
-    dmt_args: str = "--lr=3e-4"  # the same for DMT (CPU scale: 10x the paper's lr; time_budget ends it)
+    dmt_args: str = ""  # the same for DMT
 
 
 SUITE_DEFAULTS = dict(  # the reproductions' settings, quoted in the README; --quick shrinks them for tests
@@ -376,11 +377,11 @@ def probes(cfg, lengths):
 def score_at_length(run_dir, L):
     """A probe run's final RNN (and teacher, if any) scored as train.py evaluates it, on held-out tasks of another
     length L: rnn_acc, rnn_target_bits (and teacher_acc)."""
-    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    ckpt = load_checkpoint(run_dir / "ckpt.pt", "the run failed")
     run = dataclasses.replace(Config(**ckpt["config"]), task_len=L)
     model = smt.build_model(ckpt["config"], ckpt["meta"]["vocab_size"], with_encoder=run.method != "bptt")
-    model.load_state_dict(ckpt["model"])
-    stats = evaluate(model, run, Probe(run, run.batch_size, run.seed), torch.autocast("cpu", enabled=False))
+    load_weights(model, ckpt["model"], run_dir / "ckpt.pt")
+    stats = smt.evaluate(model, run, Probe(run, run.batch_size, run.seed), torch.autocast("cpu", enabled=False))
     return val_scores(stats)
 
 
@@ -524,7 +525,7 @@ def parse_lengths(cfg, default):
 
 
 def main(argv):
-    cfg = parse_overrides(BenchConfig(), argv)
+    cfg, given = parse_overrides(BenchConfig(), argv)
     if cfg.suite not in SUITES:
         raise UsageError(f"--suite must be one of {', '.join(SUITES)}, not '{cfg.suite}'")
     for key in ("repeats", "tokens", "batch_size", "threads"):
@@ -536,7 +537,6 @@ def main(argv):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.suite in SUITE_DEFAULTS:
-        given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
         defaults = dict(SUITE_DEFAULTS[cfg.suite], **(QUICK if cfg.quick else {}))
         cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
         if cfg.budget <= 0 or not 0 <= cfg.dmt_share < 1 or cfg.eval_interval <= 0:
@@ -557,4 +557,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, lambda: options_help(BenchConfig, __doc__))

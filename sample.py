@@ -15,18 +15,20 @@ import numpy as np
 import torch
 
 import smt
-from data import StreamDecoder, UsageError, check_text, encode, load_checkpoint, parse_overrides, run_cli
+from checkpoint import load_checkpoint, load_weights
+from config import UsageError, options_help, parse_overrides, run_cli
+from data import StreamDecoder, check_text, encode
 
 
 @dataclass
 class SampleConfig:
     out_dir: str = "out"  # the training run's out_dir
     prompt: str = "\n"  # the text to continue, or FILE:path to read it from a file
-    num_samples: int = 2
+    num_samples: int = 2  # texts (or images) generated
     num_tokens: int = 400  # tokens generated per sample
     temperature: float = 0.8  # < 1 sharper, > 1 more random
     top_k: int = 40  # sample among the k most likely tokens; 0 = all
-    seed: int = 1337
+    seed: int = 1337  # the random draws of sampling (and which held-out images prompt)
     device: str = "auto"  # auto | cpu | cuda
     prime: str = "rnn"  # rnn: the RNN reads the prompt from m_empty (needs rnn.pt only) | teacher: encoder primes
     prompt_rows: int = 14  # images: rows of a held-out image given as the prompt (0: drawn from the empty memory)
@@ -42,7 +44,7 @@ def load_model(cfg, device):
                          "use --prime=rnn")
     vocab_size = ckpt["model"]["rnn_embed.weight"].size(0)
     model = smt.build_model(c, vocab_size, with_encoder=cfg.prime == "teacher")
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], Path(cfg.out_dir) / name)
     return model.to(device).eval(), ckpt["meta"]
 
 
@@ -108,7 +110,7 @@ def sample_images(cfg, model, meta, sample, device):
 
 @torch.no_grad()
 def main(argv):
-    cfg = parse_overrides(SampleConfig(), argv)
+    cfg, _ = parse_overrides(SampleConfig(), argv)
     if cfg.prime not in ("rnn", "teacher"):
         raise UsageError(f"--prime must be rnn or teacher, not '{cfg.prime}'")
     if cfg.num_samples <= 0 or cfg.num_tokens <= 0 or cfg.top_k < 0 or cfg.temperature <= 0:
@@ -152,4 +154,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, lambda: options_help(SampleConfig, __doc__))

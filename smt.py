@@ -181,6 +181,35 @@ LOSSES = dict(smt=smt_loss, bptt=bptt_loss, tbptt=bptt_loss, dmt=dmt_loss)
 
 
 @torch.no_grad()
+def evaluate(model, cfg, batches, autocast):
+    """Held-out numbers: the RNN's own bits per byte (from empty; after teacher priming), or on a probe its
+    accuracy at the target positions (from empty, whole task sequences) and the teacher's; for SMT on text, the
+    teacher's losses. Always the same val windows (a fixed generator), so evaluations compare."""
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    probe = batches.meta["tokenizer"] == "probe"
+    sums = {}
+    with torch.random.fork_rng(devices=[]):  # evaluation leaves training's random stream as it was
+        for _ in range(cfg.eval_iters):
+            if probe:  # at least 32 sequences a batch: small batches on long tasks would make accuracy noise
+                x, y = batches.get("val", batch_size=max(cfg.batch_size, 32), generator=gen)
+            else:
+                x, y = batches.get("val", seq_len=2 * cfg.context_len, generator=gen)
+            with autocast:
+                if probe:
+                    stats = evaluate_probe(model, x, y, whole=batches.meta["whole_answer"])
+                else:
+                    stats = evaluate_rnn(model, x, y, cfg.context_len, primed=model.encoder is not None)
+                if model.encoder is not None and not probe:  # probes: teacher_acc says it; the losses cost a lot
+                    L = cfg.context_len + cfg.future_len
+                    stats.update(smt_loss(model, x[:, :L], y[:, :L], cfg)[1])
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.eval_iters
+    model.train()
+    return {("val_" + k): v for k, v in sums.items()}
+
+
+@torch.no_grad()
 def evaluate_rnn(model, x, y, context_len, primed):
     """The RNN's own held-out loss, reading x step by step (teacher-forced), in bits per byte:
     rnn_bpb from m_empty over all of x; rnn_tail_bpb the same run over positions >= context_len; and, with primed,

@@ -16,7 +16,7 @@ import smt  # noqa: E402
 
 def tiny_cfg(**over):
     """The loss functions read their knobs off any object: train.py's defaults, with test overrides."""
-    from train import Config
+    from config import Config
     import dataclasses
     return SimpleNamespace(**{**dataclasses.asdict(Config()), **over})
 

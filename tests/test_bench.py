@@ -11,7 +11,7 @@ import pytest
 import bench
 import data
 from conftest import run
-from data import UsageError
+from config import UsageError
 from test_data import idx_images, server  # noqa: F401  (a fixture)
 
 

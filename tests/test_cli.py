@@ -63,7 +63,8 @@ def test_dmt_after_smt_and_resume(tmp_path, text_file):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--no_such_key=1"], "unknown option --no_such_key; valid options:"),
+    (["--no_such_key=1"], "unknown option --no_such_key; --help lists the options"),
+    (["--max_iter=1"], "unknown option --max_iter; did you mean --max_iters"),
     (["--max_iters=ten"], "--max_iters takes a int"),
     (["--compile=maybe"], "--compile takes True or False"),
     (["--method=magic"], "--method must be one of"),
@@ -106,10 +107,10 @@ def test_data_cli_prepares_a_file(tmp_path, text_file):
 
 def test_overrides_take_both_spellings():
     """`--key=value` and `--key value` (the README's `python train.py --method smt`), typed by the defaults."""
-    from data import UsageError, parse_overrides
-    from train import Config
-    cfg = parse_overrides(Config(), ["--method", "bptt", "--max_iters=5", "--lr", "0.5", "--detach_target"])
+    from config import Config, UsageError, parse_overrides
+    cfg, given = parse_overrides(Config(), ["--method", "bptt", "--max_iters=5", "--lr", "0.5", "--detach_target"])
     assert (cfg.method, cfg.max_iters, cfg.lr, cfg.detach_target) == ("bptt", 5, 0.5, True)
+    assert given == {"method", "max_iters", "lr", "detach_target"}
     with pytest.raises(UsageError, match="unknown option --nope"):
         parse_overrides(Config(), ["--nope", "1"])
     with pytest.raises(UsageError, match="cannot read argument '--method'"):

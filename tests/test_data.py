@@ -119,10 +119,10 @@ def test_download_checks_what_the_server_publishes(tmp_path, server):
     server.redirect["ok.txt"] = ("cdn/f.txt", good)
     server.redirect["bad.txt"] = ("cdn/f.txt", {"X-Linked-Etag": '"' + "0" * 64 + '"'})
     assert data.download(server.url + "ok.txt", tmp_path / "ok.txt").read_bytes() == body
-    with pytest.raises(data.UsageError, match="does not match its published sha256"):
+    with pytest.raises(data.DataError, match="does not match its published sha256"):
         data.download(server.url + "bad.txt", tmp_path / "bad.txt")
     assert (tmp_path / "bad.txt.part.bad").exists() and not (tmp_path / "bad.txt").exists()
-    with pytest.raises(data.UsageError, match="not the 10 published"):
+    with pytest.raises(data.DataError, match="not the 10 published"):
         data.download(server.url + "cdn/f.txt", tmp_path / "short.txt", size=10)
 
 
@@ -303,7 +303,7 @@ def test_gpt2_offline_names_the_cache(tmp_path, monkeypatch, text_file):
     result = run("data.py", str(text_file), "--tokenizer=gpt2", f"--data_dir={tmp_path / 'data'}", cwd=tmp_path)
     one_error_line(result, "could not load tiktoken's gpt2 files")
     assert "TIKTOKEN_CACHE_DIR" in result.stderr
-    with pytest.raises(data.UsageError, match="unknown tokenizer 'nope'"):
+    with pytest.raises(data.DataError, match="unknown tokenizer 'nope'"):
         data.prepare(data.DataConfig(str(text_file), str(tmp_path / "data"), tokenizer="nope"))
 
 
@@ -323,7 +323,7 @@ def test_batches_reproducible_per_rank(tmp_path, text_file):
 
 
 def test_data_and_train_take_the_same_knobs():
-    from train import Config
+    from config import Config
     assert {f.name: f.default for f in dataclasses.fields(data.DataConfig)}.items() <= \
         {f.name: f.default for f in dataclasses.fields(Config)}.items()
 

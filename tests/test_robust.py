@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import checkpoint
 import smt
 import train
+from config import USER_ERRORS, UsageError
 from conftest import ROOT, tiny_model
-import data
-from data import UsageError
 from test_cli import TINY
 
 ARGS = [*TINY, "--device=cpu", "--max_iters=40", "--eval_interval=10", "--log_interval=1", "--lr=3e-3"]
@@ -59,14 +59,14 @@ def reference(tmp_path_factory):
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train.save_atomic({"iter": 1}, path)
+    checkpoint.save_atomic({"iter": 1}, path)
 
     def disk_full(obj, f):
         f.write(b"half a checkpoint")
         raise OSError("No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError):
-        train.save_atomic({"iter": 2}, path)
+        checkpoint.save_atomic({"iter": 2}, path)
     assert torch.load(path, weights_only=True) == {"iter": 1}
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
@@ -133,8 +133,8 @@ def test_checkpoints_of_compiled_models_load_into_plain_ones_and_back(tmp_path):
     assert list(compiled.state_dict()) == list(plain.state_dict())  # so either loads the other's checkpoint
     wrapped = torch.compile(tiny_model(seed=2))  # a wrapper instead prefixes every key with _orig_mod.
     assert all(k.startswith("_orig_mod.") for k in wrapped.state_dict())
-    train.save_atomic(dict(config={}, model=wrapped.state_dict(), meta={}), tmp_path / "ckpt.pt")
-    weights = data.load_checkpoint(tmp_path / "ckpt.pt", "")["model"]
+    checkpoint.save_atomic(dict(config={}, model=wrapped.state_dict(), meta={}), tmp_path / "ckpt.pt")
+    weights = checkpoint.load_checkpoint(tmp_path / "ckpt.pt", "")["model"]
     plain.load_state_dict(weights)
     compiled.load_state_dict(weights)
     for a, b, c in zip(wrapped.state_dict().values(), plain.state_dict().values(), compiled.state_dict().values()):
@@ -214,7 +214,7 @@ def test_bad_input_gives_one_clear_line_in_every_cli(reference, tmp_path, monkey
                          "--device=cpu", "--max_iters=5"],
                   sample=[f"--out_dir={reference.out}", "--num_tokens=5", "--device=cpu"], data=[data_dir])[cli]
     monkeypatch.chdir(tmp_path)  # relative paths (nowhere, missing.txt) stay relative in the messages
-    with pytest.raises(UsageError) as error:
+    with pytest.raises(USER_ERRORS) as error:
         importlib.import_module(cli).main([*common, *args])
     assert message in str(error.value) and "\n" not in str(error.value)
 
@@ -230,7 +230,7 @@ def test_cli_turns_bad_input_into_one_line_and_exit_code_2(tmp_path, cli):
 SPY = """import os, sys
 sys.path.insert(0, {root!r})
 import torch, smt, train
-from data import run_cli
+from config import run_cli
 real, seen = smt.LOSSES["smt"], {{}}
 def spy(model, x, y, cfg):
     seen.setdefault("model", model)

@@ -1,0 +1,298 @@
+"""The command line of every CLI, and train.py's settings.
+
+Every CLI keeps its knobs in a dataclass whose fields are its options (--key=value or --key value, typed by the
+defaults); --help lists them with the comment after each field and the section comments above them. Config holds
+train.py's knobs, with the defaults that change on CUDA, for DMT and on a probe.
+"""
+import ast
+import dataclasses
+import difflib
+import inspect
+import io
+import json
+import sys
+import textwrap
+import tokenize
+from dataclasses import dataclass
+
+import torch
+
+from data import DataError, PROBES
+from smt import CELLS, ENCODERS, READOUTS
+
+
+class UsageError(Exception):
+    """Bad input from the user. The CLIs print it as one line and exit with code 2, no traceback."""
+
+
+USER_ERRORS = (UsageError, DataError)  # data.py raises its own, since it imports nothing of the project's
+
+
+def run_cli(main, usage=None):
+    """Runs main(argv); -h or --help prints usage() and exits 0; a user error becomes 'error: ...' on stderr and
+    exit code 2."""
+    argv = sys.argv[1:]
+    if usage is not None and ("-h" in argv or "--help" in argv):
+        print(usage())
+        sys.exit(0)
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --key=value overrides, typed by the defaults.
+
+def parse_value(key, text, default):
+    kind = type(default)
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise UsageError(f"--{key} takes True or False, not '{text}'")
+    try:
+        return kind(text)
+    except ValueError:
+        raise UsageError(f"--{key} takes a {kind.__name__}, not '{text}'") from None
+
+
+def parse_overrides(defaults, argv, positional=None):
+    """Applies ['--key=value' or '--key value', ...] to the dataclass instance `defaults`. Returns the new instance
+    and the set of keys the command line gave. `positional` names the one field a bare argument sets (data.py's
+    dataset name), if any."""
+    fields = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)}
+    changes = {}
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--") and positional:
+            key, text = positional, arg
+        elif arg.startswith("--") and "=" in arg:
+            key, text = arg[2:].split("=", 1)
+        elif arg.startswith("--") and isinstance(fields.get(arg[2:]), bool):
+            key, text = arg[2:], "True"  # a bare --flag switches a boolean on
+        elif arg.startswith("--") and arg[2:] in fields and args:
+            key, text = arg[2:], args.pop(0)
+        elif arg.startswith("--") and arg[2:] not in fields:
+            key, text = arg[2:], ""
+        else:
+            raise UsageError(f"cannot read argument '{arg}': use --key=value (--help lists the options)")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3, cutoff=0.75)
+            hint = f"did you mean {' or '.join('--' + k for k in close)}?" if close else "--help lists the options"
+            raise UsageError(f"unknown option --{key}; {hint}")
+        changes[key] = parse_value(key, text, fields[key])
+    return dataclasses.replace(defaults, **changes), set(changes)
+
+
+def field_comments(cls):
+    """From the source of dataclass `cls`: {field: its comment} and {field: the section comment above it}. A
+    comment line whose text starts indented continues the comment of the field above it."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = {node.lineno: node.target.id for node in ast.walk(ast.parse(source))
+             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+    comments, sections, section, last = {}, {}, "", None
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        row = token.start[0]
+        if row in lines:
+            last = lines[row]
+            sections.setdefault(last, section)
+        if token.type != tokenize.COMMENT:
+            continue
+        text = token.string[1:]
+        if row in lines:
+            comments[last] = text.strip()
+        elif text.startswith("  ") and last:  # a continuation
+            comments[last] += " " + text.strip()
+        else:
+            section, last = text.strip(), None
+    return comments, sections
+
+
+def options_help(cls, doc, other_defaults=None):
+    """--help: the CLI's docstring, then every field of `cls` as --name=default, its type and comment, grouped by
+    the section comments; other_defaults ({label: {field: value}}) adds the defaults that apply elsewhere."""
+    comments, sections = field_comments(cls)
+    other_defaults = other_defaults or {}
+    rows, section = [], None
+    fields = dataclasses.fields(cls)
+    width = max(len(f"--{f.name}={shown(f.default)}") for f in fields) + 2
+    for f in fields:
+        if sections.get(f.name) != section:
+            section = sections.get(f.name)
+            rows.append(f"\n{section}:" if section else "")
+        others = [f"{label}: {values[f.name]}" for label, values in other_defaults.items() if f.name in values]
+        text = comments.get(f.name, "") + (f" [{'; '.join(others)}]" if others else "")
+        rows.append(textwrap.fill(text, 118, initial_indent=f"  {f'--{f.name}={shown(f.default)}':<{width}}"
+                                  f"{type(f.default).__name__:<6}", subsequent_indent=" " * (width + 8)))
+    return (doc or "").strip() + "\n\noptions (--key=value or --key value):\n" + "\n".join(rows)
+
+
+def shown(value):
+    """A default as it would be typed: quoted when empty or holding spaces or control characters."""
+    if isinstance(value, str) and (not value or not value.isprintable() or " " in value):
+        return json.dumps(value)
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.py's settings.
+
+@dataclass
+class Config:
+    # run
+    method: str = "smt"  # smt | bptt | tbptt | dmt
+    dataset: str = "shakespeare"  # shakespeare | tinystories | mnist | mnist5k | a probe | a text file or folder
+    data_dir: str = "data"  # where prepared datasets are kept
+    out_dir: str = "out"  # ckpt.pt, rnn.pt and log.jsonl go here
+    init_from: str = "scratch"  # scratch | resume (continue out_dir) | for dmt: the out_dir of an SMT run
+    overwrite: bool = False  # True: start afresh in an out_dir that holds a run, deleting it (and its log)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
+    compile: bool = True  # torch.compile the networks on CUDA (never on CPU, where it does not pay off)
+    seed: int = 1337  # initial weights, batches and every random draw of the losses
+    # data (the fields of data.DataConfig: python data.py takes the same)
+    url: str = ""  # fetch the source from here (tinystories, mnist: its folder URL; shakespeare, mnist5k: the file)
+    tokenizer: str = "bytes"  # text datasets: bytes (vocab 256) | gpt2 (GPT-2 BPE via tiktoken, vocab 50257)
+    max_bytes: int = 0  # tinystories: only the first N bytes of each file (0: all of it)
+    task_len: int = 64  # probes (retrieval, copy, stack, keys_values, modular, parity): tokens per sequence
+    num_symbols: int = 16  # probes: distinct content symbols (parity: always 2)
+    # schedule and logging
+    max_iters: int = 100000  # optimizer steps (on CPU, time_budget ends the run first)
+    time_budget: float = 600.0  # stop after this many seconds of training, counting a resumed run's (0: no limit)
+    eval_interval: int = 250  # iterations between evaluations and checkpoints
+    eval_iters: int = 4  # held-out batches per evaluation
+    log_interval: int = 25  # iterations between progress lines
+    # optimisation
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3  # AdamW's peak learning rate; on CPU 3e-3 beat 1e-3 for SMT and BPTT alike (README)
+    lr_schedule: str = "constant"  # constant | cosine (down to lr/10), both after a linear warmup
+    warmup_iters: int = 100  # iterations of linear warmup
+    weight_decay: float = 0.01  # AdamW's, on weight matrices only
+    beta1: float = 0.9  # AdamW's
+    beta2: float = 0.95  # AdamW's
+    grad_clip: float = 1.0  # 0 disables clipping
+    max_bad_steps: int = 10  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
+    # model shapes (the RNN's memory holds mem_tokens x d_model numbers)
+    d_model: int = 64  # width of every network
+    n_heads: int = 4  # attention heads
+    mem_tokens: int = 4  # K: tokens of the memory
+    encoder_depth: int = 2  # teacher encoder layers
+    decoder_depth: int = 2  # teacher decoder layers
+    rnn_depth: int = 2  # RNN cell layers
+    cell: str = "transformer"  # the RNN cell: transformer | mlp | gru | lstm | elman
+    encoder: str = "causal"  # causal: all memories from one pass | window: the paper's one pass per memory
+    readout: str = "decoder"  # decoder: the teacher decoder's next-token head | linear: on the flat memory
+    # SMT
+    context_len: int = 64  # Tc: window a teacher memory sees (causal encoder: per attention layer)
+    future_len: int = 16  # Tf: tokens the decoder predicts from each memory
+    positions: str = "all"  # transitions trained per sequence: all, or a number (1 = the released recipe)
+    dec_positions: int = 16  # of those, how many also get the decoder loss (the decoder costs Tf tokens each)
+    coef_dec: float = 1.0  # weight of the decoder loss
+    coef_dyn: float = 0.1  # weight of the dynamics loss
+    coef_unif: float = 0.001  # weight of the uniformity loss
+    gamma: float = 1.0  # discount of the decoder loss k steps ahead
+    coef_recall: float = 0.0  # each memory names its last input (keeps memories Markov; see smt.recall_loss)
+    dyn_weighting: str = "uniform"  # uniform | change: transitions weighted by how far the teacher memory moves
+    memory_noise: float = 0.0  # std of Gaussian noise on the teacher memory the RNN steps from (robustness to drift)
+    detach_target: bool = False  # True: the dynamics loss does not shape the encoder's target memory
+    freeze: str = "none"  # none | teacher (train the RNN only) | rnn (train the teacher only)
+    # BPTT
+    seq_len: int = 64  # unroll length
+    bptt_window: int = 16  # tbptt: gradient cut every this many steps
+    # DMT
+    dmt_steps: int = 64  # Td: steps the RNN runs on its own memories
+    dmt_every: int = 1  # k: a dynamics target every k steps (paper: 16; every step did better on CPU, README)
+    dmt_coef_dyn: float = 10.0  # weight of the dynamics loss along the RNN's own run
+    dmt_coef_unif: float = 0.01  # weight of the uniformity loss
+    dmt_coef_readout: float = 1.0  # readout CE on the RNN's own (detached) memory; 0 disables
+
+
+# Defaults that replace Config's where they apply, unless the command line sets the key: on CUDA the paper's shapes;
+# for DMT a short cosine schedule, at 3e-4 on CPU (10x the paper's lr: what every CPU result used) and the paper's
+# 3e-5 on CUDA; on a probe what let the RNN alone solve retrieval on a CPU (see probe_defaults).
+CUDA_DEFAULTS = dict(max_iters=150000, time_budget=0.0, eval_interval=2000, batch_size=128, lr=3e-4, warmup_iters=1500,
+                     d_model=256, n_heads=8, mem_tokens=16, encoder_depth=8, decoder_depth=4, rnn_depth=8,
+                     context_len=256, future_len=64, seq_len=256, dmt_steps=256)
+DMT_DEFAULTS = dict(lr=3e-4, lr_schedule="cosine", max_iters=1500, warmup_iters=15)
+CUDA_DMT_DEFAULTS = dict(lr=3e-5)  # on top of DMT_DEFAULTS
+ARCH_KEYS = ("d_model", "n_heads", "mem_tokens", "encoder_depth", "decoder_depth", "rnn_depth", "cell", "encoder",
+             "readout", "context_len")
+METHODS = ("smt", "bptt", "tbptt", "dmt")
+
+
+def probe_defaults(task_len):
+    """On a probe a training sequence is one whole task, which the teacher sees and predicts entirely. The rest is
+    what let the RNN alone solve retrieval on a CPU (README): 4 decoder windows a sequence (each costs task_len
+    tokens), memories that name their last input, the rare transitions that write weighted up, noisy teacher
+    memories for the RNN's SMT step, DMT without the readout CE."""
+    return dict(context_len=task_len, future_len=task_len, seq_len=task_len, dmt_steps=task_len - 1,
+                dec_positions=4, coef_recall=0.1, dyn_weighting="change", memory_noise=0.3, dmt_coef_readout=0.0)
+
+
+def config_help(doc):
+    """train.py --help: Config's options with their CUDA, DMT and probe defaults."""
+    probe = f"probe (task_len {Config.task_len})"
+    return options_help(Config, doc, {"cuda": CUDA_DEFAULTS, "dmt": DMT_DEFAULTS, "cuda dmt": CUDA_DMT_DEFAULTS,
+                                      probe: probe_defaults(Config.task_len)})
+
+
+def load_config(argv):
+    """Config from defaults, device- and method-specific defaults, then the command line (which wins). Returns the
+    config and the keys the command line gave."""
+    cfg, given = parse_overrides(Config(), argv)
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = cfg.device.startswith("cuda")
+    extra = dict(CUDA_DEFAULTS) if cuda else {}
+    if cfg.method == "dmt":
+        extra.update(DMT_DEFAULTS, **(CUDA_DMT_DEFAULTS if cuda else {}))
+    if cfg.dataset in PROBES:
+        extra.update(probe_defaults(cfg.task_len))
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in extra.items() if k not in given})
+    if cfg.dtype == "auto":
+        cfg.dtype = "bfloat16" if cuda else "float32"
+    return cfg, given
+
+
+def check_config(cfg):
+    """One clear line for every setting that cannot work."""
+    def one_of(key, options):
+        if getattr(cfg, key) not in options:
+            raise UsageError(f"--{key} must be one of {', '.join(options)}, not '{getattr(cfg, key)}'")
+    one_of("method", METHODS)
+    one_of("cell", CELLS)
+    one_of("encoder", ENCODERS)
+    one_of("readout", READOUTS)
+    one_of("lr_schedule", ("constant", "cosine"))
+    one_of("freeze", ("none", "teacher", "rnn"))
+    one_of("dyn_weighting", ("uniform", "change"))
+    one_of("dtype", ("float32", "bfloat16"))
+    for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum", "d_model",
+                "n_heads", "mem_tokens", "context_len", "future_len", "seq_len", "dec_positions", "bptt_window",
+                "dmt_every", "max_bad_steps"):
+        if getattr(cfg, key) <= 0:
+            raise UsageError(f"--{key} must be positive, not {getattr(cfg, key)}")
+    for key in ("encoder_depth", "decoder_depth", "rnn_depth", "warmup_iters", "lr", "weight_decay", "grad_clip",
+                "time_budget", "coef_dec", "coef_dyn", "coef_unif", "coef_recall", "gamma"):
+        if getattr(cfg, key) < 0:
+            raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")
+    if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
+        raise UsageError(f"--n_heads={cfg.n_heads} must divide --d_model={cfg.d_model} into an even head size")
+    if cfg.cell == "lstm" and cfg.mem_tokens % 2:
+        raise UsageError(f"--cell=lstm keeps h and c in halves of the memory: --mem_tokens must be even, "
+                         f"not {cfg.mem_tokens}")
+    if cfg.positions != "all" and not (cfg.positions.isdigit() and int(cfg.positions) > 0):
+        raise UsageError(f"--positions must be 'all' or a positive number, not '{cfg.positions}'")
+    if cfg.dmt_steps < 2:
+        raise UsageError(f"--dmt_steps must be at least 2, not {cfg.dmt_steps}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
+    if cfg.method == "dmt" and cfg.init_from == "scratch":
+        raise UsageError("--method=dmt refines a trained SMT run: pass --init_from=<its out_dir>")
+    if cfg.overwrite and cfg.init_from == "resume":
+        raise UsageError("--overwrite=True starts afresh; --init_from=resume continues the run: pass one of them")

@@ -1,0 +1,97 @@
+"""config.py: every CLI's --help, the answers to misspelt options, the defaults that depend on the device and method,
+and the direction of imports between the project's files."""
+import ast
+import dataclasses
+import re
+
+import pytest
+
+import bench
+import config
+import data
+import sample
+from config import Config, UsageError, load_config, parse_overrides
+from conftest import ROOT, run
+
+CLIS = {"train.py": Config, "sample.py": sample.SampleConfig, "data.py": data.DataConfig,
+        "bench.py": bench.BenchConfig}
+
+
+def options(help_text):
+    """--help's option lines: {name: [default, type, comment]}, the comment's wrapped lines joined."""
+    found, name = {}, None
+    for line in help_text.splitlines():
+        if m := re.match(r"^  --(\w+)=(\S+) +(\w+) +(\S.*)$", line):
+            name, found[m[1]] = m[1], [m[2], m[3], m[4]]
+        elif line.startswith(" " * 10) and name:
+            found[name][2] += " " + line.strip()
+        else:
+            name = None
+    return found
+
+
+@pytest.mark.parametrize("script", CLIS)
+def test_help_lists_every_option_with_its_type_default_and_comment(tmp_path, script):
+    result = run(script, "-h", cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert f"python {script}" in result.stdout  # the file's own examples come first
+    shown = options(result.stdout)
+    assert list(shown) == [f.name for f in dataclasses.fields(CLIS[script])]
+    for f in dataclasses.fields(CLIS[script]):
+        default, kind, comment = shown[f.name]
+        assert default == config.shown(f.default) and kind == type(f.default).__name__ and comment, f.name
+
+
+def test_train_help_shows_the_defaults_that_apply_on_cuda_for_dmt_and_on_probes(tmp_path):
+    result = run("train.py", "--help", "--max_iters=oops", cwd=tmp_path)  # help wins over what else is there
+    assert result.returncode == 0
+    lines = {name: comment for name, (_, _, comment) in options(result.stdout).items()}
+    assert lines["lr"].endswith("[cuda: 0.0003; dmt: 0.0003; cuda dmt: 3e-05]")
+    assert lines["context_len"].endswith("[cuda: 256; probe (task_len 64): 64]")
+    assert "\nschedule and logging:\n  --max_iters=" in result.stdout  # grouped by Config's section comments
+    comments, sections = config.field_comments(Config)
+    assert not any(re.search(r"(cuda|dmt): \d", c) for c in comments.values())  # said once, from the dicts
+    assert sections["lr"] == "optimisation" and sections["method"] == "run"
+
+
+def test_field_comments_read_continued_comments():
+    comments, sections = config.field_comments(bench.BenchConfig)
+    assert comments["lengths"].startswith("comma-separated") and comments["lengths"].endswith("probes: task lengths")
+    assert sections["lengths"] == "" and sections["dataset"].startswith("reproductions")
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--max_iter=5", "unknown option --max_iter; did you mean --max_iters?"),
+    ("--coef_dy=1", "unknown option --coef_dy; did you mean --coef_dyn or --coef_dec"),
+    ("--zzz=1", "unknown option --zzz; --help lists the options"),
+])
+def test_a_misspelt_option_names_the_closest(arg, message):
+    with pytest.raises(UsageError) as error:
+        parse_overrides(Config(), [arg])
+    assert str(error.value).startswith(message) and len(str(error.value)) < 100
+
+
+def test_dmt_learning_rate_depends_on_the_device():
+    """What every CPU result used (3e-4), the paper's 3e-5 on CUDA; the command line wins."""
+    cpu, given = load_config(["--method=dmt", "--device=cpu", "--init_from=x"])
+    assert (cpu.lr, cpu.lr_schedule, cpu.max_iters, given) == (3e-4, "cosine", 1500, {"method", "device", "init_from"})
+    assert load_config(["--method=dmt", "--device=cuda"])[0].lr == 3e-5
+    assert load_config(["--method=smt", "--device=cuda"])[0].lr == 3e-4
+    assert load_config(["--method=smt", "--device=cpu"])[0].lr == 3e-3
+    assert load_config(["--method=dmt", "--device=cpu", "--lr=1e-5"])[0].lr == 1e-5
+    assert bench.BenchConfig().dmt_args == ""  # the reproductions take train.py's default
+
+
+def test_imports_flow_one_way():
+    """At module level data.py and model.py import nothing of ours, smt.py only model.py, the helpers (config.py,
+    checkpoint.py) no CLI, and no CLI another."""
+    mine = {p.stem for p in ROOT.glob("*.py")}
+    imports = {}
+    for name in mine:
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        imports[name] = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names} \
+            | {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+        imports[name] &= mine
+    assert imports == dict(data=set(), model=set(), smt={"model"}, config={"data", "smt"}, checkpoint={"config"},
+                           train={"checkpoint", "config", "data", "smt"}, sample={"checkpoint", "config", "data", "smt"},
+                           bench={"checkpoint", "config", "data", "smt"})
