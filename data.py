@@ -41,7 +41,7 @@ class DataError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# What to prepare. train.py's Config carries the same fields, so every knob works from either CLI.
+# What to prepare. config.Config (train.py's settings) carries the same fields, so every knob works from either CLI.
 
 @dataclasses.dataclass
 class DataConfig:

@@ -3,7 +3,7 @@ sampling share. The method is written out in SMT.md; section numbers below refer
 
 Indexing: x, y are (B, L) with y = -1 where there is no target (for text, y_t = x_{t+1}). The memory at position t
 has read x_0..x_t and predicts y_t; position -1 is the empty memory. A transition is (m_t, x_{t+1}) -> m_{t+1}.
-Loss functions take `cfg`, any object with the attributes they read (train.py's Config).
+Loss functions take `cfg`, any object with the attributes they read (config.Config, train.py's settings).
 """
 import math
 

@@ -1,10 +1,14 @@
 """train.py, sample.py and data.py end to end, as a user runs them, and their answers to bad input."""
 import json
+import re
 
 import pytest
 import torch
 
+from config import UsageError
 from conftest import run
+from sample import main as sample_main
+from train import main as train_main
 
 TINY = ["--d_model=16", "--n_heads=2", "--mem_tokens=2", "--encoder_depth=1", "--decoder_depth=1", "--rnn_depth=1",
         "--context_len=16", "--future_len=4", "--seq_len=16", "--batch_size=4", "--eval_iters=1", "--log_interval=5",
@@ -59,6 +63,8 @@ def test_dmt_after_smt_and_resume(tmp_path, text_file):
     assert len(log[0]["drift"]) == 12 and len(log[-1]["drift"]) == 12  # drift per step, before and after DMT
     resumed = train(tmp_path, text_file, smt_out, "--init_from=resume", "--max_iters=30", "--eval_interval=10")
     assert "iter 30/30" in resumed.stdout
+    assert re.search(rf"resuming {smt_out} at iter 20/30: \d+s trained, \d+s of --time_budget=600 left",
+                     resumed.stdout)
     assert [e["iter"] for e in evals(smt_out)] == [20, 30]
 
 
@@ -115,3 +121,62 @@ def test_overrides_take_both_spellings():
         parse_overrides(Config(), ["--nope", "1"])
     with pytest.raises(UsageError, match="cannot read argument '--method'"):
         parse_overrides(Config(), ["--method"])
+
+
+def in_process(tmp_path, text_file, out, *args):
+    """train.py's main in this process (faster than a new one): the arguments of train() above."""
+    train_main([f"--dataset={text_file}", f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}", *TINY,
+                "--device=cpu", *args])
+
+
+def test_a_run_is_not_written_over_by_accident(tmp_path, text_file, capsys):
+    out = tmp_path / "out"
+    in_process(tmp_path, text_file, out, "--max_iters=4", "--eval_interval=2")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for args in ([], ["--method=bptt"], ["--method=dmt", f"--init_from={out}"]):  # DMT into its own SMT run, too
+        with pytest.raises(UsageError) as error:  # before any work: the dataset is not even prepared
+            train_main([f"--dataset={text_file}", f"--data_dir={tmp_path / 'fresh'}", f"--out_dir={out}", *args])
+        assert str(error.value) == (f"--out_dir={out} already holds a run (ckpt.pt, rnn.pt, log.jsonl): continue it "
+                                    "with --init_from=resume, pass another --out_dir, or start afresh over it with "
+                                    "--overwrite=True")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not (tmp_path / "fresh").exists()
+    (tmp_path / "a_file").write_text("notes")
+    with pytest.raises(UsageError, match="--out_dir=.*a_file is a file, not a folder: pass another --out_dir"):
+        train_main([f"--out_dir={tmp_path / 'a_file'}"])
+    with pytest.raises(UsageError, match="--overwrite=True starts afresh; --init_from=resume continues"):
+        train_main([f"--out_dir={out}", "--init_from=resume", "--overwrite=True"])
+    in_process(tmp_path, text_file, out, "--max_iters=3", "--eval_interval=3", "--overwrite=True", "--seed=7")
+    assert [e["iter"] for e in evals(out)] == [3]  # the old run's evaluations are gone with it
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert (ckpt["iter"], ckpt["config"]["seed"]) == (3, 7)
+    in_process(tmp_path, text_file, out, "--init_from=resume", "--max_iters=5", "--eval_interval=5")
+    assert [e["iter"] for e in evals(out)] == [3, 5]  # a run started with --overwrite resumes as any other
+
+
+def test_checkpoints_of_earlier_versions_load_with_todays_defaults(tmp_path, text_file):
+    """A run saved before coef_recall, memory_noise, dyn_weighting and overwrite existed resumes, is refined by DMT
+    and samples; a config that cannot be read as ours is refused in one line."""
+    old = tmp_path / "old"
+    in_process(tmp_path, text_file, old, "--max_iters=4", "--eval_interval=4")
+    newer = ("coef_recall", "memory_noise", "dyn_weighting", "overwrite")
+    for name in ("ckpt.pt", "rnn.pt"):
+        ckpt = torch.load(old / name, weights_only=True)
+        ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in newer}
+        torch.save(ckpt, old / name)
+    in_process(tmp_path, text_file, old, "--init_from=resume", "--max_iters=6", "--eval_interval=6")
+    config = torch.load(old / "ckpt.pt", weights_only=True)["config"]
+    assert (config["coef_recall"], config["memory_noise"], config["dyn_weighting"]) == (0.0, 0.0, "uniform")
+    for name in ("ckpt.pt", "rnn.pt"):  # the resumed run wrote today's config: take the keys out again
+        ckpt = torch.load(old / name, weights_only=True)
+        ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in newer}
+        torch.save(ckpt, old / name)
+    in_process(tmp_path, text_file, tmp_path / "dmt", "--method=dmt", f"--init_from={old}", "--max_iters=2",
+               "--eval_interval=2")
+    assert [e["iter"] for e in evals(tmp_path / "dmt")] == [0, 2]
+    for prime in ("rnn", "teacher"):
+        sample_main([f"--out_dir={old}", "--num_tokens=5", "--num_samples=1", "--device=cpu", f"--prime={prime}"])
+    ckpt["config"]["d_model"] = "wide"
+    torch.save(ckpt, old / "rnn.pt")
+    with pytest.raises(UsageError, match=r"rnn.pt is not a checkpoint this can use: its config has "
+                                         r"d_model='wide', not a int$"):
+        sample_main([f"--out_dir={old}", "--device=cpu"])

@@ -92,6 +92,7 @@ def test_imports_flow_one_way():
         imports[name] = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names} \
             | {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
         imports[name] &= mine
-    assert imports == dict(data=set(), model=set(), smt={"model"}, config={"data", "smt"}, checkpoint={"config"},
-                           train={"checkpoint", "config", "data", "smt"}, sample={"checkpoint", "config", "data", "smt"},
-                           bench={"checkpoint", "config", "data", "smt"})
+    clis = ("train", "sample", "bench")
+    assert not any(set(clis) & found for found in imports.values())  # nothing imports a CLI
+    expected = dict(data=set(), model=set(), smt={"model"}, config={"data", "smt"}, checkpoint={"config"})
+    assert {name: imports[name] for name in expected} == expected

@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import struct
+import sys
 import threading
 import zipfile
 import zlib
@@ -322,6 +323,41 @@ def test_batches_reproducible_per_rank(tmp_path, text_file):
     assert not any(isinstance(v, np.ndarray) for v in vars(a).values())  # reads a memmap per batch, holds none
 
 
+def test_too_little_data_asks_for_more_and_leaves_nothing_behind(tmp_path):
+    """Ten bytes leave one for val, less than any window: only more data helps, and no folder is left in data/."""
+    ten = tmp_path / "ten.txt"
+    ten.write_bytes(b"0123456789")
+    with pytest.raises(data.DataError, match="its val split has 1 tokens, fewer than the 3 .*; give more data$"):
+        data.prepare(data.DataConfig(str(ten), str(tmp_path / "data")))
+    assert list((tmp_path / "data").rglob("*")) == []
+
+
+def test_windows_too_long_for_a_split_name_the_split_that_limits_them(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"abcdefghij" * 20)  # 180 bytes to train, 20 to val
+    folder = data.prepare(data.DataConfig(str(small), str(tmp_path / "data")))
+    with pytest.raises(data.DataError, match="the val split of .* has 20 tokens, fewer than the 129 one training "
+                                             "window needs; use windows of at most 19 tokens"):
+        data.Batches(folder, 128, 4)
+    assert data.Batches(folder, 19, 4).get("val")[0].shape == (4, 19)
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_is_plain_lines_off_a_terminal(capsys, monkeypatch, terminal):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)
+    progress = data.Progress("f.bin", total=3_000_000)
+    for _ in range(3):
+        progress.add(1_000_000)
+    progress.add(0, final=True)
+    out = capsys.readouterr().out
+    if terminal:  # rewritten in place: each update starts with a carriage return, the last ends the line
+        assert out.startswith("\rf.bin: 1.0 / 3.0 MB (33%)") and out.count("\r") >= 2 and out.count("\n") == 1
+    else:  # the first update and the final one, each a line of its own (the next would come 10 s on)
+        lines = out.splitlines()
+        assert "\r" not in out and len(lines) == 2 and out.endswith("\n")
+        assert lines[0].startswith("f.bin: 1.0 / 3.0 MB (33%)") and lines[1].startswith("f.bin: 3.0 / 3.0 MB (100%)")
+
+
 def test_data_and_train_take_the_same_knobs():
     from config import Config
     assert {f.name: f.default for f in dataclasses.fields(data.DataConfig)}.items() <= \
@@ -395,5 +431,5 @@ def test_train_on_a_probe(tmp_path):
         "--max_iters=2", "--eval_interval=2")
     config = torch.load(tmp_path / "dmt" / "ckpt.pt", weights_only=True)["config"]
     assert (config["dataset"], config["dmt_steps"], config["dmt_coef_readout"]) == ("keys_values", 15, 0.0)
-    bad = run("train.py", "--dataset=copy", "--task_len=4", f"--out_dir={out}", cwd=tmp_path)
+    bad = run("train.py", "--dataset=copy", "--task_len=4", f"--out_dir={tmp_path / 'bad'}", cwd=tmp_path)
     one_error_line(bad, "--task_len must be at least 8")
