@@ -120,12 +120,12 @@ def text_meta(tokenizer, source):
 
 class Progress:
     """On a terminal, one line rewritten in place a few times a second; elsewhere (a log file, a pipe) a plain line
-    every 10 seconds, so that logs hold no runs of carriage returns."""
+    every 10 seconds and one at the end, so that logs hold no runs of carriage returns."""
 
     def __init__(self, label, total=None, done=0):
         self.label, self.total, self.done, self.first = label, total, done, done  # a resumed download starts at done
-        self.shown, self.start = 0.0, time.time()
-        self.terminal = sys.stdout.isatty()
+        self.start, self.terminal = time.time(), sys.stdout.isatty()
+        self.shown = 0.0 if self.terminal else self.start
 
     def add(self, n, final=False):
         self.done += n
@@ -263,8 +263,8 @@ def write_dataset(out, splits, meta):
             progress.add(0, final=True)
             meta[f"{split}_tokens"] = n
             if n < MIN_SPLIT_TOKENS:  # no setting could train on it: refused before it lands in data/
-                raise DataError(f"{meta['source']} is too small: its {split} split has {n} tokens, fewer than the "
-                                f"{MIN_SPLIT_TOKENS} that the shortest training window needs; give more data")
+                raise DataError(f"{meta['source']} is too small: its {split} split has {n} of the {MIN_SPLIT_TOKENS} "
+                                "tokens that the shortest training window needs; give more data")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if out.exists():
             shutil.rmtree(out)
