@@ -9,10 +9,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model import CELLS, ENCODERS, READOUTS, SMTModel, rms  # noqa: F401  (re-exported for the CLIs)
 
 LN2 = math.log(2.0)
+CUDA_GRAPHS = True  # rollouts without gradients on CUDA replay CUDA graphs of the step (False: eager, to compare)
+CE_CHUNK = 2 ** 24  # logits per chunk of cross_entropy: a float32 chunk of 64 MiB at most
 
 
 def build_model(c, vocab_size, with_encoder):
@@ -27,24 +30,103 @@ def rollout(model, memory, tokens, detach_every=0, sample=None, num_new=0):
 
     Reads `tokens` (N, T) teacher-forced; then, when `sample` (logits -> tokens) is given, generates `num_new` more
     tokens, each fed back in. Yields (token, memory after reading it). detach_every=k cuts the gradient every k steps
-    (truncated BPTT)."""
+    (truncated BPTT). On CUDA without gradients (evaluation, DMT's unroll, sampling) the steps replay CUDA graphs
+    (GraphedStep) unless CUDA_GRAPHS is False; everywhere else they run eagerly. Every yielded memory is its own
+    tensor."""
+    graphs = graph_cache(model) if CUDA_GRAPHS and memory.is_cuda and not torch.is_grad_enabled() else None
+    own = False  # the first step reads a memory from outside (m_empty, a teacher's), maybe of another dtype: eager
     for t in range(tokens.size(1)):
-        memory = model.step(memory, tokens[:, t])
+        memory, _ = advance(model, graphs if own else None, memory, tokens[:, t], False)
+        own = True
         if detach_every and (t + 1) % detach_every == 0:
             memory = memory.detach()
         yield tokens[:, t], memory
-    for _ in range(num_new):
-        token = sample(model.readout(memory))
-        memory = model.step(memory, token)
+    logits = model.readout(memory) if num_new else None
+    for i in range(num_new):
+        token = sample(logits)
+        memory, logits = advance(model, graphs if own else None, memory, token, i < num_new - 1)
+        own = True
         yield token, memory
+
+
+def advance(model, graphs, memory, token, readout):
+    """One step, and the readout of the new memory if asked: (memory, logits or None); replayed from a CUDA graph
+    of the cache `graphs` when given (captured on first use for this batch size, dtype and autocast state)."""
+    if graphs is None:
+        memory = model.step(memory, token)
+        return memory, model.readout(memory) if readout else None
+    key = (memory.shape, memory.dtype, token.dtype, readout, torch.is_autocast_enabled("cuda"),
+           torch.get_autocast_dtype("cuda"))
+    if key not in graphs:
+        graphs[key] = GraphedStep(model, memory, token, readout)
+    return graphs[key](memory, token)
+
+
+def graph_cache(model):
+    """The model's CUDA graphs, emptied when its parameters moved (a graph reads the tensors it was captured with;
+    in-place updates such as the optimizer's and load_state_dict's are seen, new tensors are not)."""
+    where = tuple(p.data_ptr() for p in model.parameters())
+    if getattr(model, "_graphs", (None,))[0] != where:
+        model._graphs = (where, {})
+    return model._graphs[1]
+
+
+class GraphedStep:
+    """One RNN step (and optionally the readout of its result) captured as a CUDA graph: static input buffers, warmed
+    up on a side stream, captured once, then replayed per call with the inputs copied in and the outputs cloned out
+    (so that they survive the next replay). Under autocast the capture runs with cache_enabled=False, as CUDA graphs
+    need. The eager forwards are captured, not a torch.compile'd part's (train.py compiles the parts for the
+    training shapes: capturing those would recompile for every rollout shape)."""
+
+    def __init__(self, model, memory, token, readout):
+        self.model, self.readout = model, readout
+        self.memory, self.token = memory.clone(), token.clone()
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        with torch.compiler.set_stance("force_eager"), autocast:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # lazy initialisations (cuBLAS handles, workspaces) happen here, not in capture
+                    self.run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.run()
+
+    def run(self):
+        memory = self.model.step(self.memory, self.token)
+        return memory, self.model.readout(memory) if self.readout else None
+
+    def __call__(self, memory, token):
+        self.memory.copy_(memory)
+        self.token.copy_(token)
+        self.graph.replay()
+        return tuple(None if out is None else out.clone() for out in self.out)
 
 
 def readout_ce(model, memories, targets):
     """Per-position cross-entropy (nats) of the readout: memories (B, T, K, d), targets (B, T) -> (B, T); 0 where
     there is no target."""
     B, T = targets.shape
-    logits = model.readout(memories.flatten(0, 1)).float()
-    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1, reduction="none").view(B, T)
+    return cross_entropy(model.readout(memories.flatten(0, 1)), targets).view(B, T)
+
+
+def cross_entropy(logits, targets):
+    """F.cross_entropy in float32, per position (0 where the target is -1): logits (..., V), targets (...) -> (N,)
+    flat. In chunks, each recomputed in backward when it needs gradients, so that no float32 copy of all the
+    logits (nor of their log-softmax) is ever held at once: only the logits in their own dtype are kept."""
+    flat, tgt = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    rows = max(1, CE_CHUNK // flat.size(1))
+    if flat.size(0) <= rows:
+        return chunk_ce(flat, tgt)
+    grad = torch.is_grad_enabled() and flat.requires_grad
+    return torch.cat([checkpoint(chunk_ce, f, t, use_reentrant=False) if grad else chunk_ce(f, t)
+                      for f, t in zip(flat.split(rows), tgt.split(rows))])
+
+
+def chunk_ce(logits, targets):
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="none")
 
 
 def mean_bits(ce, targets):
@@ -84,8 +166,8 @@ def decoder_loss(model, m, x, y, pos, future_len, gamma):
     tgt = y[:, tgt_idx.clamp(0, L - 1)]
     tgt = tgt.masked_fill(((tgt_idx < 0) | (tgt_idx >= L))[None], -1)
     P = pos.numel()
-    logits = model.decoder(m.flatten(0, 1), inp.flatten(0, 1)).float()  # (B*P, F, V)
-    ce = F.cross_entropy(logits.flatten(0, 1), tgt.reshape(-1), ignore_index=-1, reduction="none").view(B, P, -1)
+    logits = model.decoder(m.flatten(0, 1), inp.flatten(0, 1))  # (B*P, F, V)
+    ce = cross_entropy(logits, tgt).view(B, P, -1)
     valid = (tgt >= 0).float()
     weight = gamma ** j.float()
     loss = (ce * weight).sum() / valid.sum().clamp(min=1)
@@ -114,9 +196,13 @@ def smt_loss(model, x, y, cfg):
     B, L = x.shape
     t = positions_for(cfg, L, x.device)  # (P,)
     P = t.numel()
-    ends, index = torch.unique(torch.cat([t, t + 1]), return_inverse=True)
-    mem = model.memories(x, ends)  # one encoder call for both ends of every transition, each memory once
-    m_now, m_next = mem[:, index[:P]], mem[:, index[P:]]
+    if P == L:  # every transition: the ends are -1 .. L-1, m_t at index t + 1 (no data-dependent torch.unique)
+        mem = model.memories(x, torch.arange(-1, L, device=x.device))
+        m_now, m_next = mem[:, :P], mem[:, 1:]
+    else:
+        ends, index = torch.unique(torch.cat([t, t + 1]), return_inverse=True)
+        mem = model.memories(x, ends)  # one encoder call for both ends of every transition, each memory once
+        m_now, m_next = mem[:, index[:P]], mem[:, index[P:]]
     d = torch.randperm(P, device=x.device)[: min(P, cfg.dec_positions)]
     # memory_noise: the RNN learns to step from near the teacher's memories, not only from them (robust to drift)
     noisy = m_now + cfg.memory_noise * torch.randn_like(m_now) if cfg.memory_noise else m_now
@@ -204,7 +290,7 @@ def evaluate_probe(model, x, y, whole):
     B, L = x.shape
     own = torch.stack([m for _, m in rollout(model, model.empty(B), x)], dim=1)
     logits = model.readout(own.flatten(0, 1)).view(B, L, -1)
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), y.reshape(-1), ignore_index=-1, reduction="none").view(B, L)
+    ce = cross_entropy(logits, y).view(B, L)
     out = dict(rnn_acc=accuracy(logits, y, whole), rnn_target_bits=mean_bits(ce, y).item())
     if model.encoder is not None:
         mem = model.memories(x, torch.arange(L, device=x.device))

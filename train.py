@@ -44,6 +44,9 @@ class Config:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = True  # torch.compile the networks on CUDA (never on CPU, where it does not pay off)
+    act_ckpt: str = "none"  # none | cell | all: activation checkpointing of the RNN cell's (or every) Transformer:
+    #                         recomputed in backward, less memory for more time (SMT's cell runs on every transition)
+    peak_flops: float = 0.0  # the device's peak FLOP/s for the logged MFU; 0: bf16 dense peak by GPU name (a table)
     seed: int = 1337
     # schedule and logging
     max_iters: int = 100000  # cuda: 150000 (on CPU, time_budget ends the run first)
@@ -145,13 +148,14 @@ def check_config(cfg):
     one_of("freeze", ("none", "teacher", "rnn"))
     one_of("dyn_weighting", ("uniform", "change"))
     one_of("dtype", ("float32", "bfloat16"))
+    one_of("act_ckpt", ("none", "cell", "all"))
     for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum", "d_model",
                 "n_heads", "mem_tokens", "context_len", "future_len", "seq_len", "dec_positions", "bptt_window",
                 "dmt_every", "max_bad_steps"):
         if getattr(cfg, key) <= 0:
             raise UsageError(f"--{key} must be positive, not {getattr(cfg, key)}")
     for key in ("encoder_depth", "decoder_depth", "rnn_depth", "warmup_iters", "lr", "weight_decay", "grad_clip",
-                "time_budget", "coef_dec", "coef_dyn", "coef_unif", "coef_recall", "gamma"):
+                "time_budget", "coef_dec", "coef_dyn", "coef_unif", "coef_recall", "gamma", "peak_flops"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
@@ -243,7 +247,9 @@ def evaluate(model, cfg, batches, autocast):
     gen = torch.Generator().manual_seed(cfg.seed)
     probe = cfg.dataset in PROBES
     sums = {}
-    with torch.random.fork_rng(devices=[]):  # evaluation leaves training's random stream as it was
+    # evaluation leaves training's random stream as it was; its shapes are not training's, so the compiled parts run
+    # eagerly here (big batched calls; the rollout replays CUDA graphs) rather than compiling again
+    with torch.random.fork_rng(devices=[]), torch.compiler.set_stance("force_eager"):
         for _ in range(cfg.eval_iters):
             if probe:  # at least 32 sequences a batch: small batches on long tasks would make accuracy noise
                 x, y = batches.get("val", batch_size=max(cfg.batch_size, 32), generator=gen)
@@ -280,7 +286,63 @@ def all_reduce_mean(params, numbers):
     return flat[offset:].tolist()
 
 
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12,
+             "L40": 181e12, "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}  # dense, no sparsity
+
+
+def peak_flops(cfg, device):
+    """The device's peak FLOP/s for MFU: --peak_flops, else the bf16 dense peak of a known GPU; 0 when unknown."""
+    if cfg.peak_flops or device.type != "cuda":
+        return cfg.peak_flops
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name.split() or f"{k}-" in name or f"{k} " in name), 0.0)
+
+
+def step_flops(model, loss_fn, cfg, vocab_size, L, device, autocast):
+    """FLOPs per token of a training step (forward and backward), counted by torch's FlopCounterMode on the eager
+    model for one sequence of random tokens (the cost is per sequence and does not depend on the tokens), without
+    activation checkpointing's recomputation and with dense attention masks (a window's masked-out blocks count).
+    torch's random state is restored and the gradients discarded."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randint(0, vocab_size, (1, L), device=device)
+    model.set_act_ckpt("none")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with FlopCounterMode(display=False) as counter:
+            with autocast:
+                loss, _ = loss_fn(model, x, x, cfg)
+            loss.backward()
+    model.set_act_ckpt(cfg.act_ckpt)
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / L
+
+
+def warm_up(model, loss_fn, cfg, batches, L, device, autocast):
+    """One compiled forward and backward before training, so that compiling is not counted as training time; torch's
+    random state and the batch sampler's are restored and the gradients discarded. Returns seconds."""
+    start = time.time()
+    state = batches.generator.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        x, y = batches.get("train", seq_len=L)
+        with autocast:
+            loss, _ = loss_fn(model, x, y, cfg)
+        loss.backward()
+    batches.generator.set_state(state)
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time() - start
+
+
 def main(argv):
+    """train(argv), with a CUDA out-of-memory answered by one line naming the knobs that lower memory."""
+    try:
+        train(argv)
+    except torch.cuda.OutOfMemoryError:
+        raise UsageError("CUDA out of memory: lower --batch_size (with --grad_accum to keep the batch), set "
+                         "--act_ckpt=cell (or all), or shorten --context_len/--future_len/--seq_len") from None
+
+
+def train(argv):
     cfg, given = load_config(argv)
     check_config(cfg)
     ckpt = None
@@ -319,6 +381,7 @@ def main(argv):
         except RuntimeError:  # the message lists every mismatched tensor; one line says enough
             raise UsageError(f"the weights in {cfg.init_from} do not fit this model (vocab {vocab_size} of "
                              f"{cfg.dataset}, {cfg.method}); was it trained on another dataset?") from None
+    model.set_act_ckpt(cfg.act_ckpt)
     if cfg.method == "dmt":
         model.encoder.requires_grad_(False)
     if cfg.freeze == "teacher" and model.encoder is not None:
@@ -345,11 +408,16 @@ def main(argv):
             batches.generator.set_state(rng["batches"])
             if "cuda" in rng and device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], device)
+    loss_fn = smt.LOSSES[cfg.method]
+    flops = step_flops(model, loss_fn, cfg, vocab_size, L, device, autocast)
+    peak = peak_flops(cfg, device)
     if cfg.compile and device.type == "cuda":
         for part in (model.encoder, model.decoder, model.cell):
             if part is not None:
                 part.compile()
-    loss_fn = smt.LOSSES[cfg.method]
+        compile_s = warm_up(model, loss_fn, cfg, batches, L, device, autocast)
+        if master:
+            print(f"compiled in {compile_s:.1f}s (a warm-up step, not counted as training time)", flush=True)
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -442,8 +510,12 @@ def main(argv):
             if cfg.time_budget > 0:
                 eta = min(eta, cfg.time_budget - elapsed)
             shown = " ".join(f"{k} {v:.4f}" for k, v in stats_sum.items())
+            speed = rate * flops / world  # FLOP/s of each process
+            speed = (f"MFU {100 * speed / peak:.1f}%" if peak else f"{speed / 1e12:.3g} TFLOP/s") + (
+                f" | peak mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if device.type == "cuda"
+                else "")
             print(f"iter {it}/{cfg.max_iters} | loss {loss_sum:.4f} | {shown} | lr {lr_at(cfg, it - 1):.2e} | "
-                  f"{rate:,.0f} tok/s | {elapsed:.0f}s elapsed | ETA {max(0, eta):.0f}s"
+                  f"{rate:,.0f} tok/s | {speed} | {elapsed:.0f}s elapsed | ETA {max(0, eta):.0f}s"
                   + (f" | skipped {skipped} (non-finite)" if skipped else ""), flush=True)
             t_last, tokens_done = now, 0
         if bad_in_a_row >= cfg.max_bad_steps:
