@@ -317,16 +317,14 @@ def step_flops(model, loss_fn, cfg, vocab_size, L, device, autocast):
 
 
 def warm_up(model, loss_fn, cfg, batches, L, device, autocast):
-    """One compiled forward and backward before training, so that compiling is not counted as training time; torch's
-    random state and the batch sampler's are restored and the gradients discarded. Returns seconds."""
+    """One compiled forward and backward before training, so that compiling is not counted as training time; on a
+    batch of its own, torch's random state restored and the gradients discarded. Returns seconds."""
     start = time.time()
-    state = batches.generator.get_state()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        x, y = batches.get("train", seq_len=L)
+        x, y = batches.get("train", seq_len=L, generator=torch.Generator().manual_seed(cfg.seed))
         with autocast:
             loss, _ = loss_fn(model, x, y, cfg)
         loss.backward()
-    batches.generator.set_state(state)
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
