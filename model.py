@@ -122,7 +122,6 @@ def window_block_mask(q_pos, num_keys, context_len):
     return create_block_mask(may_attend, None, None, q_pos.numel(), num_keys, device=q_pos.device)
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Teacher encoders. Both map tokens x (B, L) and positions pos (P,) in [0, L) to memories (B, P, K, d), where the
 # memory at t depends on x[max(0, t - context_len + 1) .. t] only.
@@ -174,14 +173,16 @@ class CausalEncoder(nn.Module):
         P, K = pos.numel(), self.registers.size(0)
         t = torch.arange(L, device=x.device)
         flex = torch.compiler.is_compiling() if self.flex is None else self.flex
-        mask = window_block_mask if flex else lambda q_pos, n, c: window_mask(q_pos, t, c)
+
+        def mask(q_pos):  # the sliding window of queries at q_pos over the token states at t
+            return window_block_mask(q_pos, L, self.context_len) if flex else window_mask(q_pos, t, self.context_len)
         if L <= self.context_len:
             h = self.body(self.embed(x), t, causal=True)
         else:
-            h = self.body(self.embed(x), t, mask=mask(t, L, self.context_len))
+            h = self.body(self.embed(x), t, mask=mask(t))
         q_pos = pos.repeat_interleave(K)  # (P * K,)
         regs = self.registers.repeat(P, 1).expand(B, P * K, -1)
-        r = self.read(regs, q_pos, ctx=h, ctx_pos=t, mask=mask(q_pos, L, self.context_len))
+        r = self.read(regs, q_pos, ctx=h, ctx_pos=t, mask=mask(q_pos))
         r = self.mix(r.reshape(B * P, K, -1), pos.new_zeros(K))
         return rms(r).view(B, P, K, -1)
 

@@ -304,9 +304,9 @@ def step_flops(model, loss_fn, cfg, vocab_size, L, device, autocast):
     activation checkpointing's recomputation and with dense attention masks (a window's masked-out blocks count).
     torch's random state is restored and the gradients discarded."""
     from torch.utils.flop_counter import FlopCounterMode
-    x = torch.randint(0, vocab_size, (1, L), device=device)
     model.set_act_ckpt("none")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        x = torch.randint(0, vocab_size, (1, L), device=device)
         with FlopCounterMode(display=False) as counter:
             with autocast:
                 loss, _ = loss_fn(model, x, x, cfg)
