@@ -1,6 +1,6 @@
 """CUDA-only checks: bf16 autocast and torch.compile give the same losses as the plain float32 path (within bf16's
 precision), a compiled SMT step trains, CUDA-graphed rollouts give what eager ones do, flex_attention's block masks
-give SDPA's gradients. Skipped without a GPU."""
+give SDPA's gradients, train.py compiles apart and logs MFU and memory. Skipped without a GPU."""
 import pytest
 import torch
 
@@ -96,3 +96,19 @@ def test_flex_block_masks_match_dense_masks_with_gradients():
     assert torch.allclose(dense, flex, atol=1e-4)
     for a, b in zip(dense_grads, flex_grads):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_train_on_cuda_compiles_apart_logs_mfu_and_memory(tmp_path, text_file):
+    """train.py end to end on CUDA with torch.compile: the warm-up step reports compile time, log lines carry MFU
+    (the device's peak from the table, or --peak_flops) and peak memory, evaluation runs (graphed rollouts)."""
+    import json
+    from conftest import run
+    from test_cli import TINY
+    result = run("train.py", f"--dataset={text_file}", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'o'}",
+                 *TINY, "--device=cuda", "--max_iters=10", "--eval_interval=5", "--peak_flops=1e15", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "compiled in " in result.stdout
+    line = next(line for line in result.stdout.splitlines() if line.startswith("iter 10/10"))
+    assert "MFU " in line and " GiB" in line
+    log = [json.loads(r) for r in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log] == [5, 10] and log[-1]["val_rnn_bpb"] < 9
