@@ -407,8 +407,9 @@ def train(argv):
             if "cuda" in rng and device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], device)
     loss_fn = smt.LOSSES[cfg.method]
-    flops = step_flops(model, loss_fn, cfg, vocab_size, L, device, autocast)
     peak = peak_flops(cfg, device)
+    # MFU on CUDA (or against a given --peak_flops); a plain CPU run logs no FLOPs and makes no extra step
+    flops = step_flops(model, loss_fn, cfg, vocab_size, L, device, autocast) if device.type == "cuda" or peak else 0
     if cfg.compile and device.type == "cuda":
         for part in (model.encoder, model.decoder, model.cell):
             if part is not None:
@@ -509,11 +510,11 @@ def train(argv):
                 eta = min(eta, cfg.time_budget - elapsed)
             shown = " ".join(f"{k} {v:.4f}" for k, v in stats_sum.items())
             speed = rate * flops / world  # FLOP/s of each process
-            speed = (f"MFU {100 * speed / peak:.1f}%" if peak else f"{speed / 1e12:.3g} TFLOP/s") + (
-                f" | peak mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if device.type == "cuda"
-                else "")
+            speed = (f" | MFU {100 * speed / peak:.1f}%" if peak else f" | {speed / 1e12:.3g} TFLOP/s" if flops
+                     else "") + (f" | peak mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
+                                 if device.type == "cuda" else "")
             print(f"iter {it}/{cfg.max_iters} | loss {loss_sum:.4f} | {shown} | lr {lr_at(cfg, it - 1):.2e} | "
-                  f"{rate:,.0f} tok/s | {speed} | {elapsed:.0f}s elapsed | ETA {max(0, eta):.0f}s"
+                  f"{rate:,.0f} tok/s{speed} | {elapsed:.0f}s elapsed | ETA {max(0, eta):.0f}s"
                   + (f" | skipped {skipped} (non-finite)" if skipped else ""), flush=True)
             t_last, tokens_done = now, 0
         if bad_in_a_row >= cfg.max_bad_steps:
