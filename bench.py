@@ -8,6 +8,9 @@
     python bench.py --suite=probes --tasks=retrieval  # SMT then DMT vs BPTT, same wall-clock, task lengths 64..1024
     python bench.py --suite=text         # the same on Shakespeare's bytes: held-out bits per byte against seconds
     python bench.py --suite=images       # the same on MNIST pixels, then digits drawn and completed by each RNN
+    python bench.py --suite=gpu          # CUDA: SMT and BPTT steps at the paper's shapes (time, tokens/s, MFU,
+                                         # peak memory), one evaluation, generation graphed vs plain (< 7 min, H200)
+    python bench.py --suite=scaling --device=cuda     # the timing suites on a GPU (synchronised timing)
 
 The first four time single training steps: random tokens (vocab 256) stand in for data, since the cost of a step
 does not depend on what the tokens are; times are wall-clock medians over --repeats steps after one warm-up step,
@@ -37,17 +40,17 @@ import torch.nn.functional as F
 
 import smt
 from checkpoint import load_checkpoint, load_weights
-from config import Config, UsageError, options_help, parse_overrides, run_cli
+from config import CUDA_DEFAULTS, Config, UsageError, options_help, parse_overrides, run_cli
 from data import PROBES, Probe
 
-SUITES = ("scaling", "throughput", "inference", "gradients", "probes", "text", "images")
+SUITES = ("scaling", "throughput", "inference", "gradients", "probes", "text", "images", "gpu")
 HERE = Path(__file__).resolve().parent
 VOCAB = 256
 
 
 @dataclass
 class BenchConfig:
-    suite: str = ""  # scaling | throughput | inference | gradients | probes | text | images
+    suite: str = ""  # scaling | throughput | inference | gradients | probes | text | images | gpu
     quick: bool = False  # small sizes: every suite in under 2 minutes on a 2-core CPU
     json: bool = False  # one JSON object per measurement instead of table lines
     out: str = "bench_out"  # where PNGs (and the reproductions' training runs) go
@@ -59,6 +62,9 @@ class BenchConfig:
     batch_size: int = 0  # throughput: sequences per batch; 0: the suite's default
     threads: int = 0  # torch threads; 0: torch's default (1 is steadier on a machine shared with other jobs)
     seed: int = 1337  # random batches and initial weights; the reproductions' runs get it as --seed
+    device: str = "cpu"  # cpu | cuda | cuda:N: where scaling, throughput, inference and gpu run (gpu: cuda unless
+    #                      --quick --device=cpu, its tiny CPU rehearsal)
+    act_ckpt: str = "none"  # gpu: activation checkpointing of the steps (train.py's --act_ckpt)
     # reproductions (probes, text, images): training runs of train.py, two at a time, one thread each
     dataset: str = ""  # text: any text dataset of train.py (shakespeare); images: an image dataset (mnist5k)
     budget: float = 0.0  # training seconds per run; 0: the suite's (probes 360, text 600, images 480)
@@ -95,21 +101,37 @@ def build(cfg, with_encoder):
     return smt.build_model(dataclasses.asdict(cfg), VOCAB, with_encoder)
 
 
-class Trainer:
-    """One method's model, optimizer and loss: a step is forward, backward, clip and AdamW, as in train.py."""
+def sync(device):
+    """Waits for the device's queued work, so that wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    def __init__(self, cfg):
-        self.cfg, self.loss_fn = cfg, smt.LOSSES[cfg.method]
-        self.model = build(cfg, with_encoder=cfg.method == "smt")
+
+class Trainer:
+    """One method's model, optimizer and loss: a step is forward, backward, clip and AdamW, as in train.py (and on a
+    GPU, autocast to cfg.dtype; with compile=True each part torch.compile'd as train.py does)."""
+
+    def __init__(self, cfg, device=torch.device("cpu"), compile=False):
+        self.cfg, self.loss_fn, self.device = cfg, smt.LOSSES[cfg.method], device
+        self.model = build(cfg, with_encoder=cfg.method == "smt").to(device)
+        self.model.set_act_ckpt(cfg.act_ckpt)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+        if compile:
+            for part in (self.model.encoder, self.model.decoder, self.model.cell):
+                if part is not None:
+                    part.compile(dynamic=False)  # one shape per trainer: no dynamic-shape recompiles
 
     def step(self, x, y):
+        sync(self.device)
         start = time.perf_counter()
-        loss, _ = self.loss_fn(self.model, x, y, self.cfg)
+        with self.autocast:
+            loss, _ = self.loss_fn(self.model, x, y, self.cfg)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        sync(self.device)
         return time.perf_counter() - start
 
 
@@ -124,9 +146,9 @@ def timed_side_by_side(runs, repeats):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def random_batch(batch_size, length, generator):
+def random_batch(batch_size, length, generator, device=torch.device("cpu")):
     x = torch.randint(0, VOCAB, (batch_size, length), generator=generator)
-    return x, torch.randint(0, VOCAB, (batch_size, length), generator=generator)
+    return x.to(device), torch.randint(0, VOCAB, (batch_size, length), generator=generator).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,10 +161,10 @@ def scaling(cfg, lengths):
     tokens = cfg.tokens or (1024 if cfg.quick else 4096)
     repeats = cfg.repeats or (1 if cfg.quick else 3)
     gen = torch.Generator().manual_seed(cfg.seed)
-    base = Config()
-    trainers = dict(smt=Trainer(dataclasses.replace(base, method="smt")),
-                    bptt=Trainer(dataclasses.replace(base, method="bptt")))
-    batches = {L: random_batch(max(1, tokens // L), L, gen) for L in lengths}
+    base, device = Config(), torch.device(cfg.device)
+    trainers = dict(smt=Trainer(dataclasses.replace(base, method="smt"), device),
+                    bptt=Trainer(dataclasses.replace(base, method="bptt"), device))
+    batches = {L: random_batch(max(1, tokens // L), L, gen, device) for L in lengths}
 
     def run(name, L):
         trainers[name].cfg.dec_positions = max(1, L // 4)  # read by SMT only
@@ -172,8 +194,9 @@ def throughput(cfg, context_len):
     methods = {"smt_pos1_window": dict(method="smt", encoder="window", positions="1"),
                "smt_all_causal": dict(method="smt", encoder="causal", positions="all"),
                "bptt": dict(method="bptt"), "tbptt": dict(method="tbptt")}
-    trainers = {name: Trainer(dataclasses.replace(base, **over)) for name, over in methods.items()}
-    x, y = random_batch(batch_size, L, torch.Generator().manual_seed(cfg.seed))
+    device = torch.device(cfg.device)
+    trainers = {name: Trainer(dataclasses.replace(base, **over), device) for name, over in methods.items()}
+    x, y = random_batch(batch_size, L, torch.Generator().manual_seed(cfg.seed), device)
     median = timed_side_by_side({name: (lambda t=t: t.step(x, y)) for name, t in trainers.items()}, repeats)
     per_second = {}
     for name, seconds in median.items():
@@ -199,7 +222,8 @@ def inference(cfg, marks):
     steps = cfg.repeats or (2 if cfg.quick else 4)
     torch.manual_seed(cfg.seed)
     base = Config()
-    model = build(dataclasses.replace(base, context_len=marks[-1]), with_encoder=True).eval()
+    device = torch.device(cfg.device)
+    model = build(dataclasses.replace(base, context_len=marks[-1]), with_encoder=True).to(device).eval()
 
     def greedy(logits):
         return logits.argmax(dim=-1)
@@ -207,21 +231,24 @@ def inference(cfg, marks):
     def peak():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
     start, previous = time.perf_counter(), 0
-    run = smt.rollout(model, model.empty(1), torch.zeros(1, 0, dtype=torch.long), sample=greedy, num_new=marks[-1])
+    run = smt.rollout(model, model.empty(1), torch.zeros(1, 0, dtype=torch.long, device=device), sample=greedy,
+                      num_new=marks[-1])
     for n, (_, memory) in enumerate(run, start=1):
         if n in marks:
+            sync(device)
             now = time.perf_counter()
             emit(cfg, suite="inference", method="rnn", tokens=n, tokens_per_s=(n - previous) / (now - start),
                  state_bytes=memory.nelement() * memory.element_size(), peak_rss_mib=peak())
             start, previous = now, n
     attending = len(model.encoder.body.blocks) + 1  # the body's layers and the registers' read over the context
-    context = torch.randint(0, VOCAB, (1, marks[-1]), generator=torch.Generator().manual_seed(cfg.seed))
+    context = torch.randint(0, VOCAB, (1, marks[-1]), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     for n in marks:
         first = max(1, n - steps)  # the timed steps end with a context of n tokens
         tokens, start = context[:, :first], time.perf_counter()
         for _ in range(n - first):
-            m = model.memories(tokens, torch.tensor([tokens.size(1) - 1]))[:, 0]
+            m = model.memories(tokens, torch.tensor([tokens.size(1) - 1], device=device))[:, 0]
             tokens = torch.cat([tokens, greedy(model.readout(m))[:, None]], dim=1)
+        sync(device)
         seconds = time.perf_counter() - start
         emit(cfg, suite="inference", method="teacher", tokens=n, tokens_per_s=(n - first) / seconds,
              state_bytes=attending * 2 * n * base.d_model * 4, peak_rss_mib=peak())
@@ -263,6 +290,96 @@ def gradients(cfg, T):
     plot(path, {name: (COLORS[name], list(enumerate(values, start=1))) for name, values in norms.items()},
          "DISTANCE D", "GRAD NORM", log_y=True)
     emit(cfg, suite="gradients", png=str(path), bptt_color="red", smt_color="blue")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GPU suite: train.py's CUDA defaults (d_model 256, 16 memory tokens, depths 8/4/8, context 256, future 64, bf16).
+
+GPU_SHAPES = ((256, 128), (1024, 32))  # (sequence length, batch): the same number of tokens per batch
+QUICK_GPU = dict(d_model=16, n_heads=2, mem_tokens=2, encoder_depth=1, decoder_depth=1, rnn_depth=1, context_len=8,
+                 future_len=4)  # --quick: the same code at tiny shapes (on CPU too)
+
+
+def gpu_suite(cfg):
+    """For SMT and BPTT at each (L, batch) of GPU_SHAPES, each part compiled once for its shape (dynamic=False), as in
+    train.py: step_s (median of --repeats after a first step, whose time, compiling included, is first_step_s),
+    tokens_per_s, tflops_per_s and mfu (FLOPs by FlopCounterMode on the eager model against the device's bf16 peak; None if unknown),
+    peak_mem_gib (torch.cuda.max_memory_allocated during the steps). Then one evaluate_rnn as train.py runs it
+    (batch 128 reading 512 tokens, then 256 from the teacher's priming), first and second call; and greedy generation
+    from m_empty at batch 1 and 128, CUDA graphs against plain eager steps."""
+    device = torch.device(cfg.device)
+    repeats = cfg.repeats or (1 if cfg.quick else 3)
+    shapes = ((16, 2), (32, 1)) if cfg.quick else GPU_SHAPES
+    bf16 = device.type == "cuda"  # the CPU rehearsal runs float32
+    base = dataclasses.replace(Config(), **{**CUDA_DEFAULTS, **(QUICK_GPU if cfg.quick else {})},
+                               dtype="bfloat16" if bf16 else "float32", positions="all", act_ckpt=cfg.act_ckpt)
+    peak = smt.peak_flops(base.peak_flops, device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for L, batch in shapes:
+        for method in ("smt", "bptt"):
+            run = dataclasses.replace(base, method=method, batch_size=batch, seq_len=L)
+            trainer = Trainer(run, device)
+            flops = smt.step_flops(trainer.model, trainer.loss_fn, run, VOCAB, L, device, trainer.autocast) * batch * L
+            trainer = Trainer(run, device, compile=device.type == "cuda")
+            x, y = random_batch(batch, L, gen, device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            first = trainer.step(x, y)
+            step_s = statistics.median(trainer.step(x, y) for _ in range(repeats))
+            emit(cfg, suite="gpu", method=method, seq_len=L, batch_size=batch, step_s=step_s,
+                 tokens_per_s=batch * L / step_s, tflops_per_s=flops / step_s / 1e12,
+                 mfu=flops / step_s / peak if peak else None,
+                 peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+                 first_step_s=first, repeats=repeats, act_ckpt=run.act_ckpt)
+            del trainer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    model = build(base, with_encoder=True).to(device)
+    gpu_evaluation(cfg, model, base, gen, device)
+    gpu_generation(cfg, model, (1, 2) if cfg.quick else (1, 128), 16 if cfg.quick else 512, device,
+                   base.dtype == "bfloat16")
+
+
+def gpu_evaluation(cfg, model, base, gen, device):
+    """evaluate_rnn on one held-out batch as train.py's evaluate calls it (autocast, compiled parts run eagerly)."""
+    x, y = random_batch(8 if cfg.quick else base.batch_size, 2 * base.context_len, gen, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=base.dtype == "bfloat16")
+    times = []
+    with autocast, torch.compiler.set_stance("force_eager"):
+        for _ in range(2):  # the first call captures the CUDA graphs
+            sync(device)
+            start = time.perf_counter()
+            smt.evaluate_rnn(model, x, y, base.context_len, primed=True)
+            sync(device)
+            times.append(time.perf_counter() - start)
+    steps = x.size(1) + x.size(1) - base.context_len
+    emit(cfg, suite="gpu", measure="evaluate_rnn", batch_size=x.size(0), rnn_steps=steps, first_s=times[0],
+         second_s=times[1], rnn_steps_per_s=steps / times[1])
+
+
+@torch.no_grad()
+def gpu_generation(cfg, model, batch_sizes, num_new, device, bf16):
+    """Greedy generation from m_empty, tokens/s (all rows together) over num_new tokens after a short warm-up run
+    (which captures the graphs), with CUDA graphs (graphed=True) and with plain eager steps."""
+    model.eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for batch in batch_sizes:
+            for graphed in (False, True) if device.type == "cuda" else (False,):
+                smt.CUDA_GRAPHS = graphed
+                try:
+                    times = []
+                    for n in (4, num_new):
+                        sync(device)
+                        start = time.perf_counter()
+                        for _ in smt.rollout(model, model.empty(batch), torch.zeros(batch, 0, dtype=torch.long,
+                                             device=device), sample=lambda logits: logits.argmax(-1), num_new=n):
+                            pass
+                        sync(device)
+                        times.append(time.perf_counter() - start)
+                finally:
+                    smt.CUDA_GRAPHS = True
+                emit(cfg, suite="gpu", measure="generate", batch_size=batch, graphed=graphed,
+                     tokens=num_new, tokens_per_s=batch * num_new / times[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -541,7 +658,20 @@ def main(argv):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
         if cfg.budget <= 0 or not 0 <= cfg.dmt_share < 1 or cfg.eval_interval <= 0:
             raise UsageError("--budget and --eval_interval must be positive, --dmt_share in [0, 1)")
-    if cfg.suite == "probes":
+    if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, not '{cfg.device}'")
+    if cfg.suite == "gpu" and cfg.device == "cpu" and "device" not in {a[2:].split("=", 1)[0] for a in argv}:
+        cfg.device = "cuda"
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--suite={cfg.suite} --device={cfg.device}: CUDA is not available here (a CPU rehearsal "
+                         "of the gpu suite: --suite=gpu --quick --device=cpu)")
+    if cfg.suite == "gpu" and cfg.device == "cpu" and not cfg.quick:
+        raise UsageError("--suite=gpu measures a GPU: on CPU only its tiny rehearsal runs (--quick --device=cpu)")
+    if cfg.act_ckpt not in ("none", "cell", "all"):
+        raise UsageError(f"--act_ckpt must be one of none, cell, all, not '{cfg.act_ckpt}'")
+    if cfg.suite == "gpu":
+        gpu_suite(cfg)
+    elif cfg.suite == "probes":
         probes(cfg, parse_lengths(cfg, [16] if cfg.quick else [64, 256, 1024]))
     elif cfg.suite in ("text", "images"):
         (text if cfg.suite == "text" else images)(cfg)

@@ -153,6 +153,9 @@ class Config:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = True  # torch.compile the networks on CUDA (never on CPU, where it does not pay off)
+    act_ckpt: str = "none"  # none | cell | all: activation checkpointing of the RNN cell's (or every) Transformer:
+    #                         recomputed in backward, less memory for more time (SMT's cell runs on every transition)
+    peak_flops: float = 0.0  # the device's peak FLOP/s for the logged MFU; 0: bf16 dense peak by GPU name (a table)
     seed: int = 1337  # initial weights, batches and every random draw of the losses
     # data (the fields of data.DataConfig: python data.py takes the same)
     url: str = ""  # fetch the source from here (tinystories, mnist: its folder URL; shakespeare, mnist5k: the file)
@@ -272,13 +275,14 @@ def check_config(cfg):
     one_of("freeze", ("none", "teacher", "rnn"))
     one_of("dyn_weighting", ("uniform", "change"))
     one_of("dtype", ("float32", "bfloat16"))
+    one_of("act_ckpt", ("none", "cell", "all"))
     for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum", "d_model",
                 "n_heads", "mem_tokens", "context_len", "future_len", "seq_len", "dec_positions", "bptt_window",
                 "dmt_every", "max_bad_steps"):
         if getattr(cfg, key) <= 0:
             raise UsageError(f"--{key} must be positive, not {getattr(cfg, key)}")
     for key in ("encoder_depth", "decoder_depth", "rnn_depth", "warmup_iters", "lr", "weight_decay", "grad_clip",
-                "time_budget", "coef_dec", "coef_dyn", "coef_unif", "coef_recall", "gamma"):
+                "time_budget", "coef_dec", "coef_dyn", "coef_unif", "coef_recall", "gamma", "peak_flops"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:

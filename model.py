@@ -9,6 +9,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.utils.checkpoint import checkpoint
 
 CELLS = ("transformer", "mlp", "gru", "lstm", "elman")
 ENCODERS = ("causal", "window")
@@ -23,10 +25,15 @@ def rms(x):
 # ---------------------------------------------------------------------------------------------------------------
 # A small Transformer of our own: RMSNorm, rotary positions, scaled_dot_product_attention, GELU MLP.
 
-def rotate(x, pos):
+def rotary_freq(head_dim):
+    """The rotary frequencies of one head: (head_dim / 2,) float32."""
+    half = head_dim // 2
+    return 1.0 / (10000 ** (torch.arange(half, dtype=torch.float32) / half))
+
+
+def rotate(x, pos, inv_freq):
     """Rotary position embedding of x (..., L, head_dim) at integer positions pos (L,)."""
     half = x.size(-1) // 2
-    inv_freq = 1.0 / (10000 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
     angle = pos.to(torch.float32)[:, None] * inv_freq  # (L, half)
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
@@ -41,16 +48,22 @@ class Attention(nn.Module):
         self.q = nn.Linear(d, d, bias=False)
         self.kv = nn.Linear(d, 2 * d, bias=False)
         self.out = nn.Linear(d, d, bias=False)
+        # a buffer, not recomputed per call (a few small kernels less per layer and step); not in the state_dict
+        self.register_buffer("inv_freq", rotary_freq(d // n_heads), persistent=False)
 
     def forward(self, x, pos, ctx=None, ctx_pos=None, mask=None, causal=False):
-        """x (N, Lq, d) attends to ctx (N, Lk, d) (itself when ctx is None). mask: bool, True = may attend."""
+        """x (N, Lq, d) attends to ctx (N, Lk, d) (itself when ctx is None). mask: bool, True = may attend, or a
+        flex_attention BlockMask (see window_block_mask)."""
         ctx, ctx_pos = (x, pos) if ctx is None else (ctx, ctx_pos)
         N, Lq, d = x.shape
         h = self.n_heads
         q = self.q(x).view(N, Lq, h, d // h).transpose(1, 2)
         k, v = self.kv(ctx).view(N, ctx.size(1), 2, h, d // h).permute(2, 0, 3, 1, 4)
-        q, k = rotate(q, pos), rotate(k, ctx_pos)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        q, k = rotate(q, pos, self.inv_freq), rotate(k, ctx_pos, self.inv_freq)
+        if isinstance(mask, BlockMask):
+            y = flex_attention(q, k, v, block_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         return self.out(y.transpose(1, 2).reshape(N, Lq, d))
 
 
@@ -83,10 +96,14 @@ class Transformer(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(d, n_heads) for _ in range(depth))
         self.norm = nn.RMSNorm(d)
+        self.act_ckpt = False  # True: keep only each block's input for backward, recompute the rest (less memory)
 
     def forward(self, x, pos, mask=None, causal=False):
         for block in self.blocks:
-            x = block(x, pos, mask=mask, causal=causal)
+            if self.act_ckpt and torch.is_grad_enabled():
+                x = checkpoint(block, x, pos, mask=mask, causal=causal, use_reentrant=False)
+            else:
+                x = block(x, pos, mask=mask, causal=causal)
         return self.norm(x)
 
 
@@ -94,6 +111,15 @@ def window_mask(q_pos, k_pos, context_len):
     """May a query at position q see the key at k: k <= q and within the last context_len tokens."""
     diff = q_pos[:, None] - k_pos[None, :]
     return (diff >= 0) & (diff < context_len)
+
+
+def window_block_mask(q_pos, num_keys, context_len):
+    """window_mask(q_pos, arange(num_keys), context_len) as a flex_attention BlockMask: the fused kernels skip the
+    blocks wholly outside the window instead of reading a dense (Lq, Lk) boolean mask."""
+    def may_attend(b, h, q, k):
+        diff = q_pos[q] - k
+        return (diff >= 0) & (diff < context_len)
+    return create_block_mask(may_attend, None, None, q_pos.numel(), num_keys, device=q_pos.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,18 +164,25 @@ class CausalEncoder(nn.Module):
         self.registers = nn.Parameter(torch.randn(mem_tokens, d) * 0.02)
         self.read = Block(d, n_heads)  # registers -> token states, masked per position
         self.mix = Block(d, n_heads)  # the K registers of one position attend to each other
+        # the sliding windows as flex_attention BlockMasks (True) or SDPA's dense boolean masks (False); None: flex
+        # where torch.compile fuses it into one kernel, dense when eager (eager flex materialises all the scores)
+        self.flex = None
 
     def forward(self, x, pos):
         B, L = x.shape
         P, K = pos.numel(), self.registers.size(0)
         t = torch.arange(L, device=x.device)
+        flex = torch.compiler.is_compiling() if self.flex is None else self.flex
+
+        def mask(q_pos):  # the sliding window of queries at q_pos over the token states at t
+            return window_block_mask(q_pos, L, self.context_len) if flex else window_mask(q_pos, t, self.context_len)
         if L <= self.context_len:
             h = self.body(self.embed(x), t, causal=True)
         else:
-            h = self.body(self.embed(x), t, mask=window_mask(t, t, self.context_len))
+            h = self.body(self.embed(x), t, mask=mask(t))
         q_pos = pos.repeat_interleave(K)  # (P * K,)
         regs = self.registers.repeat(P, 1).expand(B, P * K, -1)
-        r = self.read(regs, q_pos, ctx=h, ctx_pos=t, mask=window_mask(q_pos, t, self.context_len))
+        r = self.read(regs, q_pos, ctx=h, ctx_pos=t, mask=mask(q_pos))
         r = self.mix(r.reshape(B * P, K, -1), pos.new_zeros(K))
         return rms(r).view(B, P, K, -1)
 
@@ -291,6 +324,14 @@ class SMTModel(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=1.0)
+
+    def set_act_ckpt(self, mode):
+        """Activation checkpointing of the Transformers: none | cell (the RNN cell's, run on every transition in
+        SMT: most of a step's activations) | all (also the encoder's and decoder's). Trades compute for memory."""
+        chosen = {id(m) for part in {"none": [], "cell": [self.cell], "all": [self]}[mode] for m in part.modules()}
+        for module in self.modules():
+            if isinstance(module, Transformer):
+                module.act_ckpt = id(module) in chosen
 
     def empty(self, batch):
         """m_empty for a batch: (batch, K, d)."""

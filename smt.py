@@ -9,10 +9,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model import CELLS, ENCODERS, READOUTS, SMTModel, rms  # noqa: F401  (re-exported for the CLIs)
 
 LN2 = math.log(2.0)
+CUDA_GRAPHS = True  # rollouts without gradients on CUDA replay CUDA graphs of the step (False: eager, to compare)
+CE_CHUNK = 2 ** 24  # logits per chunk of cross_entropy: a float32 chunk of 64 MiB at most
 
 
 def build_model(c, vocab_size, with_encoder):
@@ -27,24 +30,103 @@ def rollout(model, memory, tokens, detach_every=0, sample=None, num_new=0):
 
     Reads `tokens` (N, T) teacher-forced; then, when `sample` (logits -> tokens) is given, generates `num_new` more
     tokens, each fed back in. Yields (token, memory after reading it). detach_every=k cuts the gradient every k steps
-    (truncated BPTT)."""
+    (truncated BPTT). On CUDA without gradients (evaluation, DMT's unroll, sampling) the steps replay CUDA graphs
+    (GraphedStep) unless CUDA_GRAPHS is False; everywhere else they run eagerly. Every yielded memory is its own
+    tensor."""
+    graphs = graph_cache(model) if CUDA_GRAPHS and memory.is_cuda and not torch.is_grad_enabled() else None
+    own = False  # the first step reads a memory from outside (m_empty, a teacher's), maybe of another dtype: eager
     for t in range(tokens.size(1)):
-        memory = model.step(memory, tokens[:, t])
+        memory, _ = advance(model, graphs if own else None, memory, tokens[:, t], False)
+        own = True
         if detach_every and (t + 1) % detach_every == 0:
             memory = memory.detach()
         yield tokens[:, t], memory
-    for _ in range(num_new):
-        token = sample(model.readout(memory))
-        memory = model.step(memory, token)
+    logits = model.readout(memory) if num_new else None
+    for i in range(num_new):
+        token = sample(logits)
+        memory, logits = advance(model, graphs if own else None, memory, token, i < num_new - 1)
+        own = True
         yield token, memory
+
+
+def advance(model, graphs, memory, token, readout):
+    """One step, and the readout of the new memory if asked: (memory, logits or None); replayed from a CUDA graph
+    of the cache `graphs` when given (captured on first use for this batch size, dtype and autocast state)."""
+    if graphs is None:
+        memory = model.step(memory, token)
+        return memory, model.readout(memory) if readout else None
+    key = (memory.shape, memory.dtype, token.dtype, readout, torch.is_autocast_enabled("cuda"),
+           torch.get_autocast_dtype("cuda"))
+    if key not in graphs:
+        graphs[key] = GraphedStep(model, memory, token, readout)
+    return graphs[key](memory, token)
+
+
+def graph_cache(model):
+    """The model's CUDA graphs, emptied when its parameters moved (a graph reads the tensors it was captured with;
+    in-place updates such as the optimizer's and load_state_dict's are seen, new tensors are not)."""
+    where = tuple(p.data_ptr() for p in model.parameters())
+    if getattr(model, "_graphs", (None,))[0] != where:
+        model._graphs = (where, {})
+    return model._graphs[1]
+
+
+class GraphedStep:
+    """One RNN step (and optionally the readout of its result) captured as a CUDA graph: static input buffers, warmed
+    up on a side stream, captured once, then replayed per call with the inputs copied in and the outputs cloned out
+    (so that they survive the next replay). Under autocast the capture runs with cache_enabled=False, as CUDA graphs
+    need. The eager forwards are captured, not a torch.compile'd part's (train.py compiles the parts for the
+    training shapes: capturing those would recompile for every rollout shape)."""
+
+    def __init__(self, model, memory, token, readout):
+        self.model, self.readout = model, readout
+        self.memory, self.token = memory.clone(), token.clone()
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        with torch.compiler.set_stance("force_eager"), autocast:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # lazy initialisations (cuBLAS handles, workspaces) happen here, not in capture
+                    self.run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.run()
+
+    def run(self):
+        memory = self.model.step(self.memory, self.token)
+        return memory, self.model.readout(memory) if self.readout else None
+
+    def __call__(self, memory, token):
+        self.memory.copy_(memory)
+        self.token.copy_(token)
+        self.graph.replay()
+        return tuple(None if out is None else out.clone() for out in self.out)
 
 
 def readout_ce(model, memories, targets):
     """Per-position cross-entropy (nats) of the readout: memories (B, T, K, d), targets (B, T) -> (B, T); 0 where
     there is no target."""
     B, T = targets.shape
-    logits = model.readout(memories.flatten(0, 1)).float()
-    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1, reduction="none").view(B, T)
+    return cross_entropy(model.readout(memories.flatten(0, 1)), targets).view(B, T)
+
+
+def cross_entropy(logits, targets):
+    """F.cross_entropy in float32, per position (0 where the target is -1): logits (..., V), targets (...) -> (N,)
+    flat. In chunks, each recomputed in backward when it needs gradients, so that no float32 copy of all the
+    logits (nor of their log-softmax) is ever held at once: only the logits in their own dtype are kept."""
+    flat, tgt = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    rows = max(1, CE_CHUNK // flat.size(1))
+    if flat.size(0) <= rows:
+        return chunk_ce(flat, tgt)
+    grad = torch.is_grad_enabled() and flat.requires_grad
+    return torch.cat([checkpoint(chunk_ce, f, t, use_reentrant=False) if grad else chunk_ce(f, t)
+                      for f, t in zip(flat.split(rows), tgt.split(rows))])
+
+
+def chunk_ce(logits, targets):
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="none")
 
 
 def mean_bits(ce, targets):
@@ -84,8 +166,8 @@ def decoder_loss(model, m, x, y, pos, future_len, gamma):
     tgt = y[:, tgt_idx.clamp(0, L - 1)]
     tgt = tgt.masked_fill(((tgt_idx < 0) | (tgt_idx >= L))[None], -1)
     P = pos.numel()
-    logits = model.decoder(m.flatten(0, 1), inp.flatten(0, 1)).float()  # (B*P, F, V)
-    ce = F.cross_entropy(logits.flatten(0, 1), tgt.reshape(-1), ignore_index=-1, reduction="none").view(B, P, -1)
+    logits = model.decoder(m.flatten(0, 1), inp.flatten(0, 1))  # (B*P, F, V)
+    ce = cross_entropy(logits, tgt).view(B, P, -1)
     valid = (tgt >= 0).float()
     weight = gamma ** j.float()
     loss = (ce * weight).sum() / valid.sum().clamp(min=1)
@@ -114,9 +196,13 @@ def smt_loss(model, x, y, cfg):
     B, L = x.shape
     t = positions_for(cfg, L, x.device)  # (P,)
     P = t.numel()
-    ends, index = torch.unique(torch.cat([t, t + 1]), return_inverse=True)
-    mem = model.memories(x, ends)  # one encoder call for both ends of every transition, each memory once
-    m_now, m_next = mem[:, index[:P]], mem[:, index[P:]]
+    if P == L:  # every transition: the ends are -1 .. L-1, m_t at index t + 1 (no data-dependent torch.unique)
+        mem = model.memories(x, torch.arange(-1, L, device=x.device))
+        m_now, m_next = mem[:, :P], mem[:, 1:]
+    else:
+        ends, index = torch.unique(torch.cat([t, t + 1]), return_inverse=True)
+        mem = model.memories(x, ends)  # one encoder call for both ends of every transition, each memory once
+        m_now, m_next = mem[:, index[:P]], mem[:, index[P:]]
     d = torch.randperm(P, device=x.device)[: min(P, cfg.dec_positions)]
     # memory_noise: the RNN learns to step from near the teacher's memories, not only from them (robust to drift)
     noisy = m_now + cfg.memory_noise * torch.randn_like(m_now) if cfg.memory_noise else m_now
@@ -189,7 +275,9 @@ def evaluate(model, cfg, batches, autocast):
     gen = torch.Generator().manual_seed(cfg.seed)
     probe = batches.meta["tokenizer"] == "probe"
     sums = {}
-    with torch.random.fork_rng(devices=[]):  # evaluation leaves training's random stream as it was
+    # evaluation leaves training's random stream as it was; its shapes are not training's, so the compiled parts run
+    # eagerly here (big batched calls; the rollout replays CUDA graphs) rather than compiling again
+    with torch.random.fork_rng(devices=[]), torch.compiler.set_stance("force_eager"):
         for _ in range(cfg.eval_iters):
             if probe:  # at least 32 sequences a batch: small batches on long tasks would make accuracy noise
                 x, y = batches.get("val", batch_size=max(cfg.batch_size, 32), generator=gen)
@@ -233,7 +321,7 @@ def evaluate_probe(model, x, y, whole):
     B, L = x.shape
     own = torch.stack([m for _, m in rollout(model, model.empty(B), x)], dim=1)
     logits = model.readout(own.flatten(0, 1)).view(B, L, -1)
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), y.reshape(-1), ignore_index=-1, reduction="none").view(B, L)
+    ce = cross_entropy(logits, y).view(B, L)
     out = dict(rnn_acc=accuracy(logits, y, whole), rnn_target_bits=mean_bits(ce, y).item())
     if model.encoder is not None:
         mem = model.memories(x, torch.arange(L, device=x.device))
@@ -258,3 +346,36 @@ def drift(model, x, start=-1):
     teacher = model.memories(x, torch.arange(start, L, device=x.device))
     own = torch.stack([m for _, m in rollout(model, teacher[:, 0], x[:, start + 1:])], dim=1)
     return ((own.float() - teacher[:, 1:].float()) ** 2).mean(dim=(0, 2, 3)).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cost of a training step, for the MFU that train.py logs and bench.py reports.
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12,
+             "L40": 181e12, "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}  # dense, no sparsity
+
+
+def peak_flops(given, device):
+    """The device's peak FLOP/s for MFU: `given` if set, else the bf16 dense peak of a known GPU; 0 when unknown."""
+    if given or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name.split() or f"{k}-" in name or f"{k} " in name), 0.0)
+
+
+def step_flops(model, loss_fn, cfg, vocab_size, L, device, autocast):
+    """FLOPs per token of a training step (forward and backward), counted by torch's FlopCounterMode on the eager
+    model for one sequence of random tokens (the cost is per sequence and does not depend on the tokens), without
+    activation checkpointing's recomputation and with dense attention masks (a window's masked-out blocks count).
+    torch's random state is restored and the gradients discarded."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model.set_act_ckpt("none")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        x = torch.randint(0, vocab_size, (1, L), device=device)
+        with FlopCounterMode(display=False) as counter:
+            with autocast:
+                loss, _ = loss_fn(model, x, x, cfg)
+            loss.backward()
+    model.set_act_ckpt(cfg.act_ckpt)
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / L

@@ -96,6 +96,21 @@ def all_reduce_mean(params, numbers):
     return flat[offset:].tolist()
 
 
+def warm_up(model, loss_fn, cfg, batches, L, device, autocast):
+    """One compiled forward and backward before training, so that compiling is not counted as training time; on a
+    batch of its own, torch's random state restored and the gradients discarded. Returns seconds."""
+    start = time.time()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        x, y = batches.get("train", seq_len=L, generator=torch.Generator().manual_seed(cfg.seed))
+        with autocast:
+            loss, _ = loss_fn(model, x, y, cfg)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time() - start
+
+
 def check_out_dir(cfg):
     """Before any work: out_dir must be a folder, and a new run does not go over one already there unless asked."""
     out = Path(cfg.out_dir)
@@ -130,14 +145,26 @@ class Trainer:
         self.build(ckpt)
         if ckpt is not None and cfg.init_from == "resume":
             self.resume(ckpt)
-        if cfg.compile and self.device.type == "cuda":
+        self.loss_fn = smt.LOSSES[cfg.method]
+        self.out = Path(cfg.out_dir)
+        self.measure_and_compile()
+        if self.master:
+            self.prepare_out_dir()
+
+    def measure_and_compile(self):
+        """FLOPs of one step for the logged MFU (on CUDA, or against a given --peak_flops; a plain CPU run counts
+        none and makes no extra step), then torch.compile on CUDA with a warm-up step, timed apart from training."""
+        cfg, device, L = self.cfg, self.device, train_len(self.cfg)
+        self.peak = smt.peak_flops(cfg.peak_flops, device)
+        self.flops = (smt.step_flops(self.model, self.loss_fn, cfg, self.meta["vocab_size"], L, device, self.autocast)
+                      if device.type == "cuda" or self.peak else 0)
+        if cfg.compile and device.type == "cuda":
             for part in (self.model.encoder, self.model.decoder, self.model.cell):
                 if part is not None:
                     part.compile()
-        self.loss_fn = smt.LOSSES[cfg.method]
-        self.out = Path(cfg.out_dir)
-        if self.master:
-            self.prepare_out_dir()
+            seconds = warm_up(self.model, self.loss_fn, cfg, self.batches, L, device, self.autocast)
+            if self.master:
+                print(f"compiled in {seconds:.1f}s (a warm-up step, not counted as training time)", flush=True)
 
     def start_processes(self):
         """Under torchrun: one process per GPU (or CPU process), each on its own batches, gradients averaged."""
@@ -174,6 +201,7 @@ class Trainer:
         if ckpt is not None:
             load_weights(model, ckpt["model"], f"{cfg.init_from} (this model: vocab {vocab_size} of {cfg.dataset}, "
                          f"{cfg.method})")
+        model.set_act_ckpt(cfg.act_ckpt)
         if cfg.method == "dmt":
             model.encoder.requires_grad_(False)
         if cfg.freeze == "teacher" and model.encoder is not None:
@@ -307,8 +335,12 @@ class Trainer:
         if cfg.time_budget > 0:
             eta = min(eta, cfg.time_budget - elapsed)
         shown = " ".join(f"{k} {v:.4f}" for k, v in stats.items())
+        speed = rate * self.flops / self.world  # FLOP/s of each process
+        speed = (f" | MFU {100 * speed / self.peak:.1f}%" if self.peak else f" | {speed / 1e12:.3g} TFLOP/s"
+                 if self.flops else "") + (f" | peak mem {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.1f}"
+                                           " GiB" if self.device.type == "cuda" else "")
         print(f"iter {it}/{cfg.max_iters} | loss {loss:.4f} | {shown} | lr {lr_at(cfg, it - 1):.2e} | "
-              f"{rate:,.0f} tok/s | {elapsed:.0f}s elapsed | ETA {max(0, eta):.0f}s"
+              f"{rate:,.0f} tok/s{speed} | {elapsed:.0f}s elapsed | ETA {max(0, eta):.0f}s"
               + (f" | skipped {self.skipped} (non-finite)" if self.skipped else ""), flush=True)
         self.t_last, self.tokens_done = now, 0
 
@@ -354,8 +386,12 @@ class Trainer:
 
 
 def main(argv):
-    trainer = Trainer(*configure(argv))
-    trainer.finish(*trainer.train())
+    try:
+        trainer = Trainer(*configure(argv))
+        trainer.finish(*trainer.train())
+    except torch.cuda.OutOfMemoryError:  # most GPUs people own have 24-48 GB: say what lowers memory
+        raise UsageError("CUDA out of memory: lower --batch_size (with --grad_accum to keep the batch), set "
+                         "--act_ckpt=cell (or all), or shorten --context_len/--future_len/--seq_len") from None
 
 
 if __name__ == "__main__":

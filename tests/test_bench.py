@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import bench
 import data
@@ -136,6 +137,27 @@ def test_images_race_draws_and_completes_digits(tmp_path, server):
     assert png_size(tmp_path / "runs" / "images-smt-samples.png") == (4 * 32, 4 * (8 * 30 + 2))
 
 
+def test_gpu_suite_rehearsal_on_cpu(tmp_path):
+    """--suite=gpu's code at tiny shapes on CPU: every measurement and its fields (the real suite needs CUDA)."""
+    out = records(tmp_path, "--suite=gpu", "--device=cpu")
+    steps = {(r["method"], r["seq_len"]): r for r in out if "step_s" in r}
+    assert set(steps) == {(m, L) for m in ("smt", "bptt") for L in (16, 32)}
+    for (method, L), r in steps.items():
+        assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * L / r["step_s"])
+        assert r["tflops_per_s"] > 0 and r["mfu"] is None and r["peak_mem_gib"] is None  # CPU: no peak, no GPU memory
+    (ev,) = [r for r in out if r.get("measure") == "evaluate_rnn"]
+    assert ev["rnn_steps"] == 16 + 8 and ev["first_s"] > 0 and ev["rnn_steps_per_s"] > 0
+    gen = {(r["batch_size"], r["graphed"]): r for r in out if r.get("measure") == "generate"}
+    assert set(gen) == {(1, False), (2, False)} and all(r["tokens_per_s"] > 0 for r in gen.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the answer where there is no CUDA")
+def test_gpu_suite_says_so_without_cuda(tmp_path):
+    result = run("bench.py", "--suite=gpu", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: --suite=gpu --device=cuda: CUDA is not available here")
+
+
 def test_table_output(tmp_path, capsys):
     bench.main(["--suite=gradients", "--lengths=8", f"--out={tmp_path}"])
     lines = capsys.readouterr().out.splitlines()
@@ -163,6 +185,9 @@ def test_bad_input_cli(tmp_path, args, message):
     (["--suite=probes", "--train_len=4"], "--train_len must be 0"),
     (["--suite=text", "--dmt_share=1"], r"--dmt_share in \[0, 1\)"),
     (["--suite=images", "--budget=0"], "--budget and --eval_interval must be positive"),
+    (["--suite=gpu", "--device=cpu"], "on CPU only its tiny rehearsal runs"),
+    (["--suite=scaling", "--device=tpu"], "--device must be cpu, cuda or cuda:N"),
+    (["--suite=gpu", "--quick", "--device=cpu", "--act_ckpt=some"], "--act_ckpt must be one of"),
 ])
 def test_bad_input(args, message):
     with pytest.raises(UsageError, match=message):  # run_cli turns it into one line and exit 2, as above

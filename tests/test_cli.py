@@ -74,6 +74,8 @@ def test_dmt_after_smt_and_resume(tmp_path, text_file):
     (["--max_iters=ten"], "--max_iters takes a int"),
     (["--compile=maybe"], "--compile takes True or False"),
     (["--method=magic"], "--method must be one of"),
+    (["--act_ckpt=some"], "--act_ckpt must be one of none, cell, all"),
+    (["--peak_flops=-1"], "--peak_flops must not be negative"),
     (["--dataset=missing.txt"], "unknown dataset 'missing.txt'"),
     (["--dataset=EMPTY"], "is empty"),
     (["--dataset=BINARY"], "does not look like text"),
@@ -180,3 +182,34 @@ def test_checkpoints_of_earlier_versions_load_with_todays_defaults(tmp_path, tex
     with pytest.raises(UsageError, match=r"rnn.pt is not a checkpoint this can use: its config has "
                                          r"d_model='wide', not a int$"):
         sample_main([f"--out_dir={old}", "--device=cpu"])
+
+
+def test_cuda_out_of_memory_is_one_line_naming_the_knobs(tmp_path, text_file):
+    """A CUDA OOM raised inside a training step (here by a forward hook on the RNN cell, on its 4th call: past the
+    FLOP count, inside the loop) ends train.py with one line naming what lowers memory, not a traceback."""
+    from model import TransformerCell
+    calls = []
+
+    def hook(module, args, output):
+        if isinstance(module, TransformerCell):
+            calls.append(1)
+            if len(calls) == 4:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with pytest.raises(UsageError, match=r"CUDA out of memory: lower --batch_size \(with --grad_accum.*"
+                                             r"--act_ckpt=cell"):
+            train_main([f"--dataset={text_file}", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
+                        *TINY, "--max_iters=10", "--device=cpu"])
+    finally:
+        handle.remove()
+    assert len(calls) == 4
+
+
+def test_train_logs_flops_and_checkpoints_activations(tmp_path, text_file):
+    result = train(tmp_path, text_file, tmp_path / "out", "--max_iters=5", "--act_ckpt=cell", "--device=cpu")
+    line = next(line for line in result.stdout.splitlines() if line.startswith("iter 5/5"))
+    assert "FLOP" not in line and "MFU" not in line and "peak mem" not in line  # CPU: no peak to compare with
+    result = train(tmp_path, text_file, tmp_path / "out2", "--max_iters=5", "--peak_flops=1e9", "--device=cpu")
+    mfu = next(line for line in result.stdout.splitlines() if line.startswith("iter 5/5")).split(" | MFU ")[1]
+    assert float(mfu.split("%")[0]) > 0 and "peak mem" not in mfu
