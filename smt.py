@@ -192,7 +192,10 @@ def smt_loss(model, x, y, cfg):
 
     Memories come from the teacher encoder for t and t+1; the RNN makes exactly one step from the teacher's m_t, so
     no gradient crosses more than one RNN step. cfg.detach_target stops L_dyn from shaping the encoder's targets.
-    With cfg.coef_recall, + coef_recall L_recall (recall_loss on every target memory; not in the paper)."""
+    With cfg.coef_recall, + coef_recall L_recall (recall_loss on every target memory; not in the paper).
+    With cfg.coef_readout, + coef_readout L_readout (not in the paper): the readout's next-token CE on the RNN's one
+    step f(m_t, x_{t+1}) from the teacher's m_t, at the transitions that get the decoder loss. Still one RNN step;
+    the RNN and its readout learn what they are scored on while the teacher learns, instead of only after it."""
     B, L = x.shape
     t = positions_for(cfg, L, x.device)  # (P,)
     P = t.numel()
@@ -213,6 +216,11 @@ def smt_loss(model, x, y, cfg):
     unif = uniformity(mem)
     loss = cfg.coef_dec * dec + cfg.coef_dyn * dyn + cfg.coef_unif * unif
     stats = dict(dec=dec.item(), dyn=dyn.item(), unif=unif.item(), teacher_bpb=first.item() / LN2)
+    if cfg.coef_readout:  # at the decoder's transitions only: on all of them the readout costs what the decoder does
+        rnn_ce = readout_ce(model, pred[:, d], y[:, t[d] + 1])
+        readout = mean_bits(rnn_ce, y[:, t[d] + 1]) * LN2
+        loss = loss + cfg.coef_readout * readout
+        stats["rnn_step_bpb"] = readout.item() / LN2
     if cfg.coef_recall:
         recall = recall_loss(model, m_next, x[:, t + 1])
         loss = loss + cfg.coef_recall * recall
