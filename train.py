@@ -39,6 +39,8 @@ class Config:
     max_bytes: int = 0  # tinystories: only the first N bytes of each file (0: all of it)
     task_len: int = 64  # probes (retrieval, copy, stack, keys_values, modular, parity): tokens per sequence
     num_symbols: int = 16  # probes: distinct content symbols (parity: always 2)
+    image_size: int = 0  # mnist, mnist5k: side of the images, a divisor of 28 (0: 28); smaller: blocks averaged
+    binarize: bool = False  # mnist, mnist5k: pixels as 0 or 1 (vocab 2), 1 where the pixel (after resizing) >= 128
     out_dir: str = "out"  # ckpt.pt, rnn.pt and log.jsonl go here
     init_from: str = "scratch"  # scratch | resume (continue out_dir) | for dmt: the out_dir of an SMT run
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
@@ -49,6 +51,7 @@ class Config:
     max_iters: int = 100000  # cuda: 150000 (on CPU, time_budget ends the run first)
     time_budget: float = 600.0  # stop after this many seconds of training (0: no limit); cuda: 0
     eval_interval: int = 250  # cuda: 2000
+    eval_seconds: float = 0.0  # also evaluate once this many training seconds have passed since the last (0: never)
     eval_iters: int = 4  # held-out batches per evaluation
     log_interval: int = 25
     # optimisation
@@ -151,7 +154,7 @@ def check_config(cfg):
         if getattr(cfg, key) <= 0:
             raise UsageError(f"--{key} must be positive, not {getattr(cfg, key)}")
     for key in ("encoder_depth", "decoder_depth", "rnn_depth", "warmup_iters", "lr", "weight_decay", "grad_clip",
-                "time_budget", "coef_dec", "coef_dyn", "coef_unif", "coef_recall", "gamma"):
+                "time_budget", "eval_seconds", "coef_dec", "coef_dyn", "coef_unif", "coef_recall", "gamma"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
@@ -247,13 +250,15 @@ def evaluate(model, cfg, batches, autocast):
         for _ in range(cfg.eval_iters):
             if probe:  # at least 32 sequences a batch: small batches on long tasks would make accuracy noise
                 x, y = batches.get("val", batch_size=max(cfg.batch_size, 32), generator=gen)
-            else:
-                x, y = batches.get("val", seq_len=2 * cfg.context_len, generator=gen)
+            else:  # images: one whole image, from its first pixel (what drawing from m_empty does)
+                L = math.prod(batches.meta["image_shape"]) if "image_shape" in batches.meta else 2 * cfg.context_len
+                x, y = batches.get("val", seq_len=L, generator=gen)
             with autocast:
                 if probe:
                     stats = smt.evaluate_probe(model, x, y, whole=batches.meta["whole_answer"])
-                else:
-                    stats = smt.evaluate_rnn(model, x, y, cfg.context_len, primed=model.encoder is not None)
+                else:  # the teacher primes at most half the window
+                    stats = smt.evaluate_rnn(model, x, y, min(cfg.context_len, x.size(1) // 2),
+                                             primed=model.encoder is not None)
                 if model.encoder is not None and not probe:  # probes: teacher_acc says it; the losses cost a lot
                     L = cfg.context_len + cfg.future_len
                     stats.update(smt.smt_loss(model, x[:, :L], y[:, :L], cfg)[1])
@@ -332,6 +337,7 @@ def main(argv):
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     start_iter, elapsed_before, skipped = 0, 0.0, 0
+    seen = 0  # training tokens read so far, over all ranks (a GPU race compares methods by it)
     if ckpt is not None and cfg.init_from == "resume":
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -339,6 +345,7 @@ def main(argv):
             raise UsageError(f"the optimizer state in {cfg.out_dir}/ckpt.pt does not fit this run's trained "
                              "parameters (was --freeze changed?)") from None
         start_iter, elapsed_before, skipped = ckpt["iter"], ckpt["elapsed"], ckpt.get("skipped", 0)
+        seen = ckpt.get("tokens", 0)
         if rank < len(ckpt["rng"]):  # each rank goes on with its own random streams (new ranks start fresh)
             rng = ckpt["rng"][rank]
             torch.set_rng_state(rng["torch"])
@@ -376,14 +383,14 @@ def main(argv):
         if not master:
             return
         state = dict(config=dataclasses.asdict(cfg), model=model.state_dict(), optimizer=optimizer.state_dict(),
-                     iter=it, elapsed=elapsed, skipped=skipped, meta=meta, rng=rngs)
+                     iter=it, elapsed=elapsed, skipped=skipped, tokens=seen, meta=meta, rng=rngs)
         save_atomic(state, out / "ckpt.pt")
         save_atomic(dict(config=dataclasses.asdict(cfg), model=model.rnn_state_dict(), meta=meta),
                     out / "rnn.pt")
 
     def log_eval(it, elapsed, with_drift=False):
         stats = evaluate(model, cfg, batches, autocast)
-        record = dict(iter=it, elapsed=round(elapsed, 2), **stats, skipped=skipped)
+        record = dict(iter=it, elapsed=round(elapsed, 2), tokens=seen, **stats, skipped=skipped)
         if with_drift:  # dmt: the drift per step over the same held-out window before and after
             x, _ = batches.get("val", seq_len=cfg.dmt_steps, generator=torch.Generator().manual_seed(cfg.seed))
             record["drift"] = smt.drift(model, x)
@@ -403,6 +410,7 @@ def main(argv):
 
     model.train()
     it, t_start, tokens_done, bad_in_a_row = start_iter, time.time(), 0, 0
+    last_eval = elapsed_before
     t_last = t_start
     while it < cfg.max_iters:
         for group in optimizer.param_groups:
@@ -434,6 +442,7 @@ def main(argv):
         optimizer.zero_grad(set_to_none=True)
         it += 1
         tokens_done += cfg.batch_size * cfg.grad_accum * L * world
+        seen += cfg.batch_size * cfg.grad_accum * L * world
         if master and (it % cfg.log_interval == 0 or it == cfg.max_iters or out_of_time or bad_in_a_row):
             now = time.time()
             rate = tokens_done / (now - t_last)
@@ -448,8 +457,9 @@ def main(argv):
             t_last, tokens_done = now, 0
         if bad_in_a_row >= cfg.max_bad_steps:
             break  # without a checkpoint: the last one written holds the last good state
-        if it % cfg.eval_interval == 0 or it == cfg.max_iters or out_of_time:
-            t_eval = time.time()
+        due = cfg.eval_seconds > 0 and elapsed - last_eval >= cfg.eval_seconds
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters or out_of_time or due:
+            t_eval, last_eval = time.time(), elapsed
             if master:
                 log_eval(it, elapsed, with_drift=cfg.method == "dmt" and (it == cfg.max_iters or out_of_time))
             checkpoint(it, elapsed)
