@@ -88,7 +88,8 @@ def sample_images(cfg, model, meta, sample, device):
         pick = torch.randint(len(images) // (H * W), (cfg.num_samples,),
                              generator=torch.Generator().manual_seed(cfg.seed))
         real = torch.from_numpy(np.stack([images[i * H * W: (i + 1) * H * W] for i in pick.tolist()]).astype(np.int64))
-    prompt = real[:, : cfg.prompt_rows * W].to(device)
+    # a window's first pixel has no target, so no RNN predicts it: it is given (drawing: black, as MNIST's corner is)
+    prompt = real[:, : max(1, cfg.prompt_rows * W)].to(device)
     run = smt.rollout(model, model.empty(cfg.num_samples), prompt, sample=sample, num_new=H * W - prompt.size(1))
     made = torch.stack([token for token, _ in run], dim=1).cpu()
     pairs = torch.stack([real, made], dim=1) if cfg.prompt_rows else made[:, None]  # (N, 1 or 2, H * W)
