@@ -93,10 +93,11 @@ QUICK = dict(budget=8, eval_interval=1000)  # one evaluation, at the end
 # Learning rates and warmups are reasoned, not tuned (no GPU was at hand): SMT the paper's 3e-4, BPTT 1e-3, since
 # at about 5 s a step (measured at batch 128, L=256) it gets some 30 steps in 150 s; warmups near a tenth of the
 # steps each lane can take. DMT: the paper's 3e-5, cosine.
-GPU_RACE = dict(budget=150, eval_interval=10 ** 9, eval_seconds=50, dmt_args="--warmup_iters=3",
+GPU_RACE = dict(budget=150, eval_interval=10 ** 9, eval_seconds=50, dmt_args="--warmup_iters=3 --eval_iters=1",
                 smt_args="--warmup_iters=30 --eval_iters=1", bptt_args="--lr=1e-3 --warmup_iters=3 --eval_iters=1")
-GPU_IMAGES = dict(smt_args=GPU_RACE["smt_args"] + " --context_len=180 --future_len=16",
-                  bptt_args=GPU_RACE["bptt_args"] + " --seq_len=196")
+GPU_IMAGES = dict(smt_args=GPU_RACE["smt_args"] + " --context_len=180 --future_len=16",  # one digit a window
+                  bptt_args=GPU_RACE["bptt_args"] + " --seq_len=196",
+                  dmt_args=GPU_RACE["dmt_args"] + " --dmt_steps=195")
 
 
 def emit(cfg, **record):
