@@ -8,6 +8,7 @@ output, and atomically: a folder appears complete or not at all. Downloads resum
     python data.py shakespeare                        # prepare a dataset; prints where it went and how big it is
     python data.py tinystories --max_bytes=20000000   # the first 20 MB of TinyStories
     python data.py mnist                              # MNIST as pixels, 784 tokens per image
+    python data.py mnist5k --image_size=14 --binarize=True   # 5,000 digits, 14x14, black or white (vocab 2)
     python data.py notes/ --tokenizer=gpt2            # any text file or folder, here as GPT-2 BPE tokens
 The probes (retrieval, copy, stack, keys_values, modular, parity) need no preparation: they are generated per batch.
 This file imports nothing of the project's own.
