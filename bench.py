@@ -7,16 +7,18 @@
     python bench.py --suite=scaling --quick --json    # small sizes (< 2 minutes on 2 cores), one JSON per line
     python bench.py --suite=probes --tasks=retrieval  # SMT then DMT vs BPTT, same wall-clock, task lengths 64..1024
     python bench.py --suite=text         # the same on Shakespeare's bytes: held-out bits per byte against seconds
-    python bench.py --suite=images       # the same on MNIST pixels, then digits drawn and completed by each RNN
+    python bench.py --suite=images       # the same on 14x14 black-and-white digits, then digits drawn and completed
     python bench.py --suite=gpu          # CUDA: SMT and BPTT steps at the paper's shapes (time, tokens/s, MFU,
                                          # peak memory), one evaluation, generation graphed vs plain (< 7 min, H200)
     python bench.py --suite=scaling --device=cuda     # the timing suites on a GPU (synchronised timing)
+    python bench.py --suite=text --device=cuda   # the race on one GPU, paper shapes, the lanes in turn: < 8 minutes
 
 The first four time single training steps: random tokens (vocab 256) stand in for data, since the cost of a step
 does not depend on what the tokens are; times are wall-clock medians over --repeats steps after one warm-up step,
 every method timed in turn within each repetition (interleaved), so that a machine shared with other work slows all
-of them alike. The last three train for real with train.py, two runs at a time with one thread each, and plot the
-RNN's held-out score against training seconds; their runs stay in --out.
+of them alike. The last three train for real with train.py, two runs at a time with one thread each (on a GPU one
+at a time), and plot the RNN's held-out score against training seconds (and tokens seen); their runs stay in --out.
+Plots need matplotlib (pip install -e ".[plot]"); without it every suite still runs and prints its numbers.
 """
 import dataclasses
 import functools
@@ -26,11 +28,9 @@ import os
 import resource
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,18 +62,21 @@ class BenchConfig:
     batch_size: int = 0  # throughput: sequences per batch; 0: the suite's default
     threads: int = 0  # torch threads; 0: torch's default (1 is steadier on a machine shared with other jobs)
     seed: int = 1337  # random batches and initial weights; the reproductions' runs get it as --seed
-    device: str = "cpu"  # cpu | cuda | cuda:N: where scaling, throughput, inference and gpu run (gpu: cuda unless
-    #                      --quick --device=cpu, its tiny CPU rehearsal)
+    device: str = "cpu"  # cpu | cuda | cuda:N: where the suites run (gpu: cuda unless --quick --device=cpu, its tiny
+    #                      CPU rehearsal; text, images: on cpu the two lanes run side by side, on cuda in turn)
     act_ckpt: str = "none"  # gpu: activation checkpointing of the steps (train.py's --act_ckpt)
     # reproductions (probes, text, images): training runs of train.py, two at a time, one thread each
     dataset: str = ""  # text: any text dataset of train.py (shakespeare); images: an image dataset (mnist5k)
-    budget: float = 0.0  # training seconds per run; 0: the suite's (probes 360, text 600, images 480)
+    image_size: int = 0  # images: side of the images (train.py's --image_size); 0: the suite's (14)
+    binarize: bool = False  # images: pixels as 0/1 (train.py's --binarize); the suite's default: True
+    budget: float = 0.0  # training seconds per run; 0: the suite's (probes 360, text 600, images 600; on a GPU 150)
     dmt_share: float = 0.2  # of the SMT lane's budget, the share spent on DMT after SMT (0: SMT alone)
     tasks: str = "retrieval,copy,stack"  # probes: which
     train_len: int = 64  # probes: SMT and DMT train once on tasks this long; their RNN is scored at every length
     #                      (its teacher does not learn longer tasks in minutes; the RNN generalises); 0: each length
     num_symbols: int = 4  # probes: few symbols, so that tiny models leave the chance plateau within minutes
     eval_interval: int = 0  # iterations between evaluations (points on the curves); 0: the suite's
+    eval_seconds: float = 0.0  # text, images: also evaluate every this many training seconds (0: off; GPU: 50)
     smt_args: str = ""  # extra train.py settings for the SMT lane, space-separated; "": the suite's
     bptt_args: str = ""  # the same for the BPTT lane
     dmt_args: str = ""  # the same for DMT
@@ -82,10 +85,25 @@ class BenchConfig:
 SUITE_DEFAULTS = dict(  # the reproductions' settings, quoted in the README; --quick shrinks them for tests
     probes=dict(budget=360, eval_interval=50),
     text=dict(dataset="shakespeare", budget=600, eval_interval=100),
-    images=dict(dataset="mnist5k", budget=480, eval_interval=100, smt_args="--context_len=128 --future_len=32",
-               bptt_args="--seq_len=256 --batch_size=8"),
+    # images: 14x14 black-and-white digits (196 tokens, vocab 2), each window one whole digit from its first pixel;
+    # a GRU cell and a one-layer decoder readout for both lanes: on one CPU thread a BPTT step on 196 pixels costs
+    # about a quarter of the default Transformer cell's, so each lane gets some 1,000 steps in 10 minutes
+    images=dict(dataset="mnist5k", image_size=14, binarize=True, budget=600, eval_interval=100,
+                smt_args="--context_len=180 --future_len=16 --batch_size=16 --cell=gru --decoder_depth=1",
+                bptt_args="--seq_len=196 --batch_size=16 --cell=gru --decoder_depth=1",
+                dmt_args="--lr=3e-4 --batch_size=16"),
 )
 QUICK = dict(budget=8, eval_interval=1000)  # one evaluation, at the end
+# The race on one GPU, in under 8 minutes all included: train.py's CUDA defaults (the paper's shapes, batch 128) for
+# both lanes, 150 s of training each, one after the other, 3 evaluations a run (every 50 s, 128 held-out windows).
+# Learning rates and warmups are reasoned, not tuned (no GPU was at hand): SMT the paper's 3e-4, BPTT 1e-3, since
+# at about 5 s a step (measured at batch 128, L=256) it gets some 30 steps in 150 s; warmups near a tenth of the
+# steps each lane can take. DMT: the paper's 3e-5, cosine.
+GPU_RACE = dict(budget=150, eval_interval=10 ** 9, eval_seconds=50, dmt_args="--warmup_iters=3 --eval_iters=1",
+                smt_args="--warmup_iters=30 --eval_iters=1", bptt_args="--lr=1e-3 --warmup_iters=3 --eval_iters=1")
+GPU_IMAGES = dict(smt_args=GPU_RACE["smt_args"] + " --context_len=180 --future_len=16",  # one digit a window
+                  bptt_args=GPU_RACE["bptt_args"] + " --seq_len=196",
+                  dmt_args=GPU_RACE["dmt_args"] + " --dmt_steps=195")
 
 
 def emit(cfg, **record):
@@ -287,9 +305,9 @@ def gradients(cfg, T):
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "gradients.png"
-    plot(path, {name: (COLORS[name], list(enumerate(values, start=1))) for name, values in norms.items()},
-         "DISTANCE D", "GRAD NORM", log_y=True)
-    emit(cfg, suite="gradients", png=str(path), bptt_color="red", smt_color="blue")
+    if plot(path, {name: (COLORS[name], list(enumerate(values, start=1))) for name, values in norms.items()},
+            "distance d", "gradient norm", log_y=True):
+        emit(cfg, suite="gradients", png=str(path), bptt_color="red", smt_color="blue")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,8 +429,8 @@ def train(cfg, name, args):
     env = one_thread_env(cfg)
     progress(f"{name}: python train.py {' '.join(args)} (log: {out / 'train.log'})")
     with open(out / "train.log", "w") as log:
-        done = subprocess.run([sys.executable, str(HERE / "train.py"), *args, f"--out_dir={out}", "--seed="
-                               f"{cfg.seed}"], stdout=log, stderr=subprocess.STDOUT, env=env)
+        done = subprocess.run([sys.executable, str(HERE / "train.py"), f"--device={cfg.device}", *args,
+                               f"--out_dir={out}", f"--seed={cfg.seed}"], stdout=log, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
         raise UsageError(f"the {name} run failed (exit {done.returncode}): see {out / 'train.log'}")
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -422,7 +440,7 @@ def train(cfg, name, args):
 
 def smt_lane(cfg, name, args):
     """SMT for (1 - dmt_share) of the budget, then DMT on its RNN for the rest. Returns ([log records], the out_dir
-    of its last run); the DMT records' elapsed and iter are counted from SMT's start."""
+    of its last run); the DMT records' elapsed, iter and tokens are counted from SMT's start."""
     smt_budget = round(cfg.budget * (1 - cfg.dmt_share))
     records, out = train(cfg, f"{name}-smt", [f"--time_budget={smt_budget}", "--method=smt", *args,
                                          *cfg.smt_args.split()])
@@ -431,8 +449,8 @@ def smt_lane(cfg, name, args):
     dmt, out = train(cfg, f"{name}-dmt", [f"--time_budget={cfg.budget - smt_budget}", "--method=dmt",
                                      f"--init_from={out}", *args, *cfg.dmt_args.split()])
     last = records[-1]  # DMT's first record is the SMT RNN again: left out; time and iterations add up
-    return records + [dict(r, elapsed=r["elapsed"] + last["elapsed"], iter=r["iter"] + last["iter"])
-                      for r in dmt[1:]], out
+    return records + [dict(r, elapsed=r["elapsed"] + last["elapsed"], iter=r["iter"] + last["iter"],
+                           tokens=r["tokens"] + last["tokens"]) for r in dmt[1:]], out
 
 
 def bptt_lane(cfg, name, args):
@@ -444,15 +462,22 @@ def smt_method(cfg):
 
 
 def race(cfg, name, args):
-    """SMT then DMT against BPTT for the whole budget, the two lanes side by side. Returns {"smt+dmt" (or "smt"):
-    ..., "bptt": ...}, each ([log records], the out_dir of its last run)."""
+    """SMT then DMT against BPTT for the whole budget. On CPU the two lanes run side by side, one thread each: the
+    same seconds on the same (shared) machine. On a GPU they run one after the other, each with the whole GPU for
+    its budget: side by side they would contend for its SMs and memory bandwidth in ways neither controls. Returns
+    {"smt+dmt" (or "smt"): ..., "bptt": ...}, each ([log records], the out_dir of its last run)."""
+    args = [*args, f"--eval_interval={cfg.eval_interval}", f"--eval_seconds={cfg.eval_seconds}"]
+    if cfg.device != "cpu":  # eager: compiling would be charged to each run's budget (twice in the SMT lane)
+        args.append("--compile=False")
+        progress(f"{name} on {cfg.device}: the two lanes in turn, each with the whole GPU for {cfg.budget:g} s")
+        return {smt_method(cfg): smt_lane(cfg, name, args), "bptt": bptt_lane(cfg, name, args)}
     with ThreadPoolExecutor(2) as pool:
         smt_run, bptt_run = pool.submit(smt_lane, cfg, name, args), pool.submit(bptt_lane, cfg, name, args)
         return {smt_method(cfg): smt_run.result(), "bptt": bptt_run.result()}
 
 
-def curve(records, key):
-    return [(r["elapsed"], r[key]) for r in records if key in r]
+def curve(records, key, x="elapsed"):
+    return [(r[x], r[key]) for r in records if key in r]
 
 
 def probes(cfg, lengths):
@@ -487,8 +512,8 @@ def probes(cfg, lengths):
                 shade = 1 - 0.75 * min(1, max(0, longer))  # the longer the training tasks, the paler the line
                 series[f"{lane} {n}"] = (tuple(round(255 - (255 - c) * shade) for c in COLORS[lane]), acc)
         path = Path(cfg.out) / f"probe-{task}.png"
-        plot(path, series, "TRAINING SECONDS", f"{task} - RNN ACCURACY", y_range=(0, 1), x_from=0)
-        emit(cfg, suite="probes", task=task, png=str(path))
+        if plot(path, series, "training seconds", f"{task}: RNN accuracy", y_range=(0, 1), x_from=0):
+            emit(cfg, suite="probes", task=task, png=str(path))
 
 
 def score_at_length(run_dir, L):
@@ -503,31 +528,42 @@ def score_at_length(run_dir, L):
 
 
 def text(cfg):
-    """The RNN's held-out bits per token (from its empty memory, 128-token windows) against training seconds on a
-    text dataset (Shakespeare's bytes) with train.py's CPU defaults: SMT then DMT against BPTT. A PNG of both."""
-    logs = race(cfg, "text", [f"--dataset={cfg.dataset}", f"--eval_interval={cfg.eval_interval}"])
-    series = {}
+    """The RNN's held-out bits per token (from its empty memory, windows of 2 context_len) against training seconds
+    and tokens seen on a text dataset (Shakespeare's bytes), train.py's defaults for the device: SMT then DMT against
+    BPTT. PNGs of both."""
+    race_curves(cfg, "text", race(cfg, "text", [f"--dataset={cfg.dataset}"]), "rnn_bpb",
+                "RNN bits per token (held out)")
+
+
+def race_curves(cfg, suite, logs, key, y_label):
+    """Each lane's last held-out score (as `key`), seconds and tokens seen; PNGs of the RNN's held-out bits against
+    training seconds (<suite>.png) and against training tokens seen (<suite>-tokens.png)."""
+    by_time, by_tokens = {}, {}
     for method, (records, _) in logs.items():
         bits = curve(records, "val_rnn_bpb")
-        emit(cfg, suite="text", method=method, rnn_bpb=bits[-1][1], seconds=bits[-1][0],
-             iters=records[-1]["iter"], curve=bits if cfg.json else len(bits))
-        series[method] = (COLORS[method], bits)
-    path = Path(cfg.out) / "text.png"
-    plot(path, series, "TRAINING SECONDS", "RNN BITS PER TOKEN (HELD OUT)", x_from=0)
-    emit(cfg, suite="text", png=str(path))
+        emit(cfg, suite=suite, method=method, **{key: bits[-1][1]}, seconds=bits[-1][0],
+             tokens=records[-1]["tokens"], iters=records[-1]["iter"], curve=bits if cfg.json else len(bits))
+        by_time[method] = (COLORS[method], bits)
+        by_tokens[method] = (COLORS[method], curve(records, "val_rnn_bpb", x="tokens"))
+    for name, series, x_label in ((suite, by_time, "training seconds"),
+                                  (f"{suite}-tokens", by_tokens, "training tokens seen")):
+        path = Path(cfg.out) / f"{name}.png"
+        if plot(path, series, x_label, y_label, x_from=0):
+            emit(cfg, suite=suite, png=str(path))
 
 
 def images(cfg):
-    """Pixels in raster order (the mnist5k digits: a pip download): SMT then DMT against BPTT, then each RNN alone
-    draws digits from its empty memory and completes held-out digits from their top 14 rows (sample.py): PNGs."""
-    logs = race(cfg, "images", [f"--dataset={cfg.dataset}", f"--eval_interval={cfg.eval_interval}"])
+    """Pixels in raster order (the mnist5k digits: a pip download; by default 14x14 and black or white): SMT then DMT
+    against BPTT, curves as for text, then each RNN alone draws digits from its empty memory and completes held-out
+    digits from their top half (sample.py): PNGs."""
+    logs = race(cfg, "images", [f"--dataset={cfg.dataset}", f"--image_size={cfg.image_size}",
+                                f"--binarize={cfg.binarize}"])
+    race_curves(cfg, "images", logs, "rnn_bits_per_pixel", "RNN bits per pixel (held out)")
     env = one_thread_env(cfg)
     for method, (records, run_dir) in logs.items():
-        emit(cfg, suite="images", method=method, rnn_bits_per_pixel=records[-1]["val_rnn_bpb"],
-             seconds=records[-1]["elapsed"], iters=records[-1]["iter"])
-        for rows, kind in ((14, "completions"), (0, "samples")):
+        for rows, kind in ((-1, "completions"), (0, "samples")):  # -1: from the top half
             done = subprocess.run([sys.executable, str(HERE / "sample.py"), f"--out_dir={run_dir}", "--num_samples=8",
-                                   f"--prompt_rows={rows}", f"--seed={cfg.seed}", "--device=cpu"],
+                                   f"--prompt_rows={rows}", f"--seed={cfg.seed}", f"--device={cfg.device}"],
                                   capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 raise UsageError(f"sampling {run_dir} failed: {done.stderr.strip().splitlines()[-1]}")
@@ -537,94 +573,45 @@ def images(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A PNG line plot written by hand: an RGB pixel grid, a 3x5 pixel font, zlib and struct.
+# Line plots, with matplotlib when it is installed (pip install -e ".[plot]"); without it the suites still run.
 
-GLYPHS = """
-0 111101101101111 1 010110010010111 2 111001111100111 3 111001111001111 4 101101111001001 5 111100111001111
-6 111100111101111 7 111001001010010 8 111101111101111 9 111101111001111 - 000000111000000 . 000000000000010
-A 010101111101101 B 110101110101110 C 011100100100011 D 110101101101110 E 111100110100111 F 111100110100100
-G 011100101101011 H 101101111101101 I 111010010010111 J 001001001101010 K 101101110101101 L 100100100100111
-M 101111111101101 N 110101101101101 O 010101101101010 P 110101110100100 Q 010101101110011 R 110101110101101
-S 011100010001110 T 111010010010010 U 101101101101111 V 101101101101010 W 101101111111101 X 101101010101101
-Y 101101010010010 Z 111001010100111 / 001001010100100 : 000010000010000 = 000111000111000 _ 000000000000111
-, 000000000010100 ( 010100100100010 ) 010001001001010 > 100010001010100
-+ 000010111010000"""
-FONT = dict(zip(GLYPHS.split()[::2], GLYPHS.split()[1::2]), **{" ": "0" * 15})
-RED, BLUE, GREY, BLACK = (220, 40, 40), (40, 70, 220), (215, 215, 215), (0, 0, 0)
+RED, BLUE = (220, 40, 40), (40, 70, 220)
 COLORS = {"smt": BLUE, "smt+dmt": BLUE, "bptt": RED}
 
 
-class Canvas:
-    def __init__(self, width, height):
-        self.width, self.height = width, height
-        self.pixels = bytearray(b"\xff" * (width * height * 3))
-
-    def dot(self, x, y, color, size=1):
-        for i in range(size):
-            for j in range(size):
-                if 0 <= x + i < self.width and 0 <= y + j < self.height:
-                    k = 3 * ((y + j) * self.width + x + i)
-                    self.pixels[k: k + 3] = bytes(color)
-
-    def line(self, x0, y0, x1, y1, color, size=1):
-        n = max(abs(x1 - x0), abs(y1 - y0), 1)
-        for i in range(n + 1):
-            self.dot(round(x0 + (x1 - x0) * i / n), round(y0 + (y1 - y0) * i / n), color, size)
-
-    def text(self, x, y, s, color=BLACK, scale=2):
-        for c, ch in enumerate(s.upper()):
-            for k, bit in enumerate(FONT[ch]):
-                if bit == "1":
-                    self.dot(x + (4 * c + k % 3) * scale, y + k // 3 * scale, color, scale)
-
-    def save(self, path):
-        def chunk(tag, data):
-            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-        row = 3 * self.width
-        raw = b"".join(b"\x00" + bytes(self.pixels[y * row: (y + 1) * row]) for y in range(self.height))
-        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)  # 8-bit RGB
-        Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-                               + chunk(b"IEND", b""))
+@functools.cache
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None (said once) when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        progress('no plots: they need matplotlib (pip install -e ".[plot]")')
+        return None
+    return plt
 
 
 def plot(path, series, x_label, y_label, log_y=False, y_range=None, x_from=None):
-    """A line plot as a PNG. series: {label: (color, [(x, y), ...])}; log_y draws decade grid lines, otherwise
-    five; y_range fixes the y axis (lo, hi), else it spans the data; x_from fixes where the x axis starts."""
-    width, height, left, right, top, bottom = 720, 420, 70, 20, 30 + 14 * len(series), 40
-    xs = [x for _, points in series.values() for x, _ in points]
-    f = (lambda v: math.log10(max(v, 1e-30))) if log_y else (lambda v: v)
-    ys = [f(y) for _, points in series.values() for _, y in points if y > 0 or not log_y]
-    lo, hi = y_range and map(f, y_range) or (min(ys), max(ys))
-    if log_y:
-        lo, hi = math.floor(lo), math.ceil(hi)
-    hi = hi if hi > lo else lo + 1
-    x_lo, x_hi = min(xs) if x_from is None else x_from, max(xs)
-    x_hi = x_hi if x_hi > x_lo else x_lo + 1
-    canvas = Canvas(width, height)
-
-    def px(x, y):
-        return (round(left + (x - x_lo) / (x_hi - x_lo) * (width - left - right)),
-                round(top + (hi - min(max(f(y), lo), hi)) / (hi - lo) * (height - top - bottom)))
-    for k in range(lo, hi + 1) if log_y else range(6):
-        v = 10.0 ** k if log_y else lo + (hi - lo) * k / 5
-        y = px(x_lo, v)[1]
-        canvas.line(left, y, width - right, y, GREY)
-        canvas.text(4, y - 5, f"1E{k}" if log_y else f"{v:.3g}")
-    canvas.line(left, top, left, height - bottom, BLACK)
-    canvas.line(left, height - bottom, width - right, height - bottom, BLACK)
-    canvas.text(left, height - bottom + 8, f"{x_lo:g}")
-    canvas.text(width - right - 8 * len(f"{x_hi:g}"), height - bottom + 8, f"{x_hi:g}")
-    canvas.text(width // 2 - 4 * len(x_label), height - bottom + 8, x_label)
-    canvas.text(left, 8, y_label)
-    for row, (label, (color, points)) in enumerate(series.items()):
-        points = [px(x, y) for x, y in points]
-        for (x0, y0), (x1, y1) in zip(points, points[1:]):
-            canvas.line(x0, y0, x1, y1, color, size=2)
-        for x, y in points:
-            canvas.dot(x - 1, y - 1, color, size=3)
-        canvas.line(left + 10, 26 + 14 * row + 4, left + 40, 26 + 14 * row + 4, color, size=2)
-        canvas.text(left + 50, 26 + 14 * row, label)
-    canvas.save(path)
+    """A 720 x 420 line plot as a PNG; returns whether it was written. series: {label: (RGB 0-255, [(x, y), ...])};
+    y_range fixes the y axis (lo, hi); x_from fixes where the x axis starts."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7.2, 4.2), dpi=100)
+    for label, (color, points) in series.items():
+        ax.plot(*zip(*points), "o-", color=[c / 255 for c in color], label=label, markersize=3)
+    ax.set(xlabel=x_label, ylabel=y_label, yscale="log" if log_y else "linear")
+    if y_range:
+        ax.set_ylim(*y_range)
+    if x_from is not None:
+        ax.set_xlim(left=x_from)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -653,18 +640,24 @@ def main(argv):
                          f"not {cfg.train_len}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.device != "cpu" and cfg.suite == "probes":
+        raise UsageError("--suite=probes runs on cpu: its many small runs go two at a time, one thread each")
     if cfg.suite in SUITE_DEFAULTS:
-        defaults = dict(SUITE_DEFAULTS[cfg.suite], **(QUICK if cfg.quick else {}))
+        defaults = dict(SUITE_DEFAULTS[cfg.suite])
+        if cfg.device != "cpu" and cfg.suite in ("text", "images"):
+            defaults.update(GPU_RACE, **(GPU_IMAGES if cfg.suite == "images" else {}))
+        defaults.update(QUICK if cfg.quick else {})
         cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
         if cfg.budget <= 0 or not 0 <= cfg.dmt_share < 1 or cfg.eval_interval <= 0:
             raise UsageError("--budget and --eval_interval must be positive, --dmt_share in [0, 1)")
     if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
         raise UsageError(f"--device must be cpu, cuda or cuda:N, not '{cfg.device}'")
-    if cfg.suite == "gpu" and cfg.device == "cpu" and "device" not in {a[2:].split("=", 1)[0] for a in argv}:
+    if cfg.suite == "gpu" and cfg.device == "cpu" and "device" not in given:
         cfg.device = "cuda"
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--suite={cfg.suite} --device={cfg.device}: CUDA is not available here (a CPU rehearsal "
-                         "of the gpu suite: --suite=gpu --quick --device=cpu)")
+        raise UsageError(f"--suite={cfg.suite} --device={cfg.device}: CUDA is not available here" +
+                         (" (a CPU rehearsal of the gpu suite: --suite=gpu --quick --device=cpu)" if cfg.suite == "gpu"
+                          else "; run on --device=cpu"))
     if cfg.suite == "gpu" and cfg.device == "cpu" and not cfg.quick:
         raise UsageError("--suite=gpu measures a GPU: on CPU only its tiny rehearsal runs (--quick --device=cpu)")
     if cfg.act_ckpt not in ("none", "cell", "all"):

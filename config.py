@@ -163,10 +163,13 @@ class Config:
     max_bytes: int = 0  # tinystories: only the first N bytes of each file (0: all of it)
     task_len: int = 64  # probes (retrieval, copy, stack, keys_values, modular, parity): tokens per sequence
     num_symbols: int = 16  # probes: distinct content symbols (parity: always 2)
+    image_size: int = 0  # mnist, mnist5k: side of the images, a divisor of 28 (0: 28); smaller: blocks averaged
+    binarize: bool = False  # mnist, mnist5k: pixels as 0 or 1 (vocab 2), 1 where the pixel (after resizing) >= 128
     # schedule and logging
     max_iters: int = 100000  # optimizer steps (on CPU, time_budget ends the run first)
     time_budget: float = 600.0  # stop after this many seconds of training, counting a resumed run's (0: no limit)
     eval_interval: int = 250  # iterations between evaluations and checkpoints
+    eval_seconds: float = 0.0  # also evaluate once this many training seconds have passed since the last (0: never)
     eval_iters: int = 4  # held-out batches per evaluation
     log_interval: int = 25  # iterations between progress lines
     # optimisation
@@ -287,7 +290,8 @@ def check_config(cfg):
         if getattr(cfg, key) <= 0:
             raise UsageError(f"--{key} must be positive, not {getattr(cfg, key)}")
     for key in ("encoder_depth", "decoder_depth", "rnn_depth", "warmup_iters", "lr", "weight_decay", "grad_clip",
-                "time_budget", "coef_dec", "coef_dyn", "coef_unif", "coef_readout", "coef_recall", "gamma", "peak_flops"):
+                "time_budget", "eval_seconds", "coef_dec", "coef_dyn", "coef_unif", "coef_readout", "coef_recall", "gamma",
+                "peak_flops"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:

