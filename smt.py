@@ -110,7 +110,8 @@ def smt_loss(model, x, y, cfg):
 
     Memories come from the teacher encoder for t and t+1; the RNN makes exactly one step from the teacher's m_t, so
     no gradient crosses more than one RNN step. cfg.detach_target stops L_dyn from shaping the encoder's targets.
-    With cfg.coef_recall, + coef_recall L_recall (recall_loss on every target memory; not in the paper)."""
+    With cfg.coef_recall, + coef_recall L_recall (recall_loss on every target memory; not in the paper); with
+    cfg.far_targets, + coef_far L_far (far_loss on far_positions of the memories; not in the paper)."""
     B, L = x.shape
     t = positions_for(cfg, L, x.device)  # (P,)
     P = t.numel()
@@ -127,11 +128,37 @@ def smt_loss(model, x, y, cfg):
     unif = uniformity(mem)
     loss = cfg.coef_dec * dec + cfg.coef_dyn * dyn + cfg.coef_unif * unif
     stats = dict(dec=dec.item(), dyn=dyn.item(), unif=unif.item(), teacher_bpb=first.item() / LN2)
+    if cfg.far_targets:
+        f = torch.randperm(P, device=x.device)[: min(P, cfg.far_positions)]
+        far = far_loss(model, m_now[:, f], y, t[f], far_offsets(cfg, x.device))
+        loss = loss + cfg.coef_far * far
+        stats["far"] = far.item()
     if cfg.coef_recall:
         recall = recall_loss(model, m_next, x[:, t + 1])
         loss = loss + cfg.coef_recall * recall
         stats["recall"] = recall.item()
     return loss, stats
+
+
+def far_offsets(cfg, device):
+    """far_targets distinct offsets r in (future_len, far_horizon], drawn anew each batch (shared by its memories)."""
+    span = cfg.far_horizon - cfg.future_len
+    return cfg.future_len + 1 + torch.randperm(span, device=device)[: cfg.far_targets]
+
+
+def far_loss(model, m, y, pos, offsets):
+    """L_far: CE of predicting y_{t+r} from the memory m_t alone (Decoder.far), m (B, P, K, d) at positions pos
+    (P,), for each offset r (R,); targets past the sequence end are skipped. The decoder predicts only future_len
+    tokens, so without this a memory need not keep what is needed later than that (a name said again 60 bytes on),
+    and then the memories in between do not hold it and no RNN step can carry it. Full-length decoding would cost
+    the whole horizon per memory; here each memory costs R query tokens."""
+    B, P = m.shape[:2]
+    L = y.size(1)
+    idx = pos[:, None] + offsets[None]  # (P, R)
+    tgt = y[:, idx.clamp(max=L - 1)].masked_fill((idx >= L)[None], -1)
+    logits = model.decoder.far(m.flatten(0, 1), offsets).float()  # (B*P, R, V)
+    return F.cross_entropy(logits.flatten(0, 1), tgt.reshape(-1), ignore_index=-1, reduction="sum") / (
+        (tgt >= 0).sum().clamp(min=1))
 
 
 def recall_loss(model, m, tokens):
@@ -197,15 +224,18 @@ def evaluate_rnn(model, x, y, context_len, primed):
 
 
 @torch.no_grad()
-def evaluate_probe(model, x, y, whole):
+def evaluate_probe(model, x, y, whole, whole_too=False):
     """A probe's score for the RNN alone, reading each whole task sequence x from m_empty: rnn_acc, the share of
     target positions where its readout's top token is the target (whole: the share of sequences with every target
-    right); rnn_target_bits, its loss per target; and, with a teacher, teacher_acc from the teacher's memories."""
+    right); rnn_target_bits, its loss per target; and, with a teacher, teacher_acc from the teacher's memories.
+    whole_too adds rnn_whole_acc, the share of sequences with every target right, to a per-target rnn_acc."""
     B, L = x.shape
     own = torch.stack([m for _, m in rollout(model, model.empty(B), x)], dim=1)
     logits = model.readout(own.flatten(0, 1)).view(B, L, -1)
     ce = F.cross_entropy(logits.flatten(0, 1).float(), y.reshape(-1), ignore_index=-1, reduction="none").view(B, L)
     out = dict(rnn_acc=accuracy(logits, y, whole), rnn_target_bits=mean_bits(ce, y).item())
+    if whole_too:
+        out["rnn_whole_acc"] = accuracy(logits, y, True)
     if model.encoder is not None:
         mem = model.memories(x, torch.arange(L, device=x.device))
         out["teacher_acc"] = accuracy(model.readout(mem.flatten(0, 1)).view(B, L, -1), y, whole)

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 import smt
-from data import (DATA_KEYS, PROBES, Batches, Probe, UsageError, load_checkpoint, parse_overrides, prepare,
-                  run_cli)
+from data import (DATA_KEYS, PROBES, TEXT_PROBES, Batches, Probe, TextProbe, UsageError, load_checkpoint,
+                  parse_overrides, prepare, run_cli)
 from smt import CELLS, ENCODERS, READOUTS
 
 
@@ -31,7 +31,7 @@ from smt import CELLS, ENCODERS, READOUTS
 class Config:
     # run
     method: str = "smt"  # smt | bptt | tbptt | dmt
-    dataset: str = "shakespeare"  # shakespeare | tinystories | mnist | mnist5k | a probe | a text file or folder
+    dataset: str = "shakespeare"  # shakespeare | tinystories | mnist | mnist5k | a probe | longrange | text file(s)
     data_dir: str = "data"  # where prepared datasets are kept
     # data (the fields of data.DataConfig: python data.py takes the same)
     url: str = ""  # fetch the source from here (tinystories, mnist: its folder URL; shakespeare, mnist5k: the file)
@@ -39,6 +39,7 @@ class Config:
     max_bytes: int = 0  # tinystories: only the first N bytes of each file (0: all of it)
     task_len: int = 64  # probes (retrieval, copy, stack, keys_values, modular, parity): tokens per sequence
     num_symbols: int = 16  # probes: distinct content symbols (parity: always 2)
+    gap: int = 32  # longrange: bytes of filler between a fact and the place it is needed again
     out_dir: str = "out"  # ckpt.pt, rnn.pt and log.jsonl go here
     init_from: str = "scratch"  # scratch | resume (continue out_dir) | for dmt: the out_dir of an SMT run
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
@@ -81,6 +82,10 @@ class Config:
     coef_dyn: float = 0.1
     coef_unif: float = 0.001
     gamma: float = 1.0  # discount of the decoder loss k steps ahead
+    far_targets: int = 0  # far-future targets per memory: y_{t+r} from m_t at r in (future_len, far_horizon]; 0: off
+    far_horizon: int = 64  # farthest offset r; SMT windows grow to context_len + far_horizon to hold the targets
+    far_positions: int = 32  # memories per sequence that get those targets (each costs far_targets decoder tokens)
+    coef_far: float = 1.0  # weight of that far-future loss
     coef_recall: float = 0.0  # each memory names its last input (keeps memories Markov; see smt.recall_loss)
     dyn_weighting: str = "uniform"  # uniform | change: transitions weighted by how far the teacher memory moves
     memory_noise: float = 0.0  # std of Gaussian noise on the teacher memory the RNN steps from (robustness to drift)
@@ -146,12 +151,12 @@ def check_config(cfg):
     one_of("dyn_weighting", ("uniform", "change"))
     one_of("dtype", ("float32", "bfloat16"))
     for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum", "d_model",
-                "n_heads", "mem_tokens", "context_len", "future_len", "seq_len", "dec_positions", "bptt_window",
-                "dmt_every", "max_bad_steps"):
+                "n_heads", "mem_tokens", "context_len", "future_len", "seq_len", "dec_positions", "far_positions",
+                "bptt_window", "dmt_every", "max_bad_steps"):
         if getattr(cfg, key) <= 0:
             raise UsageError(f"--{key} must be positive, not {getattr(cfg, key)}")
     for key in ("encoder_depth", "decoder_depth", "rnn_depth", "warmup_iters", "lr", "weight_decay", "grad_clip",
-                "time_budget", "coef_dec", "coef_dyn", "coef_unif", "coef_recall", "gamma"):
+                "time_budget", "coef_dec", "coef_dyn", "coef_unif", "coef_recall", "gamma", "far_targets", "coef_far"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
@@ -161,6 +166,9 @@ def check_config(cfg):
                          f"not {cfg.mem_tokens}")
     if cfg.positions != "all" and not (cfg.positions.isdigit() and int(cfg.positions) > 0):
         raise UsageError(f"--positions must be 'all' or a positive number, not '{cfg.positions}'")
+    if cfg.far_targets and cfg.far_targets > cfg.far_horizon - cfg.future_len:
+        raise UsageError(f"--far_targets={cfg.far_targets} offsets do not fit in (future_len, far_horizon] = "
+                         f"({cfg.future_len}, {cfg.far_horizon}]: raise --far_horizon or lower --far_targets")
     if cfg.dmt_steps < 2:
         raise UsageError(f"--dmt_steps must be at least 2, not {cfg.dmt_steps}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -175,9 +183,12 @@ def train_len(cfg):
         return cfg.task_len
     if cfg.method in ("bptt", "tbptt"):
         return cfg.seq_len
+    horizon = max(cfg.future_len, cfg.far_horizon if cfg.far_targets else 0)
     if cfg.method == "dmt":
         return max(cfg.dmt_steps + 1, cfg.context_len + cfg.future_len)
-    return cfg.context_len + cfg.future_len
+    if cfg.dataset in TEXT_PROBES:  # a window holds at least one whole episode, fact and answer
+        return max(cfg.context_len + horizon, TextProbe.longest(cfg.gap) + 1)
+    return cfg.context_len + horizon
 
 
 def lr_at(cfg, it):
@@ -242,19 +253,22 @@ def evaluate(model, cfg, batches, autocast):
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
     probe = cfg.dataset in PROBES
+    text_probe = cfg.dataset in TEXT_PROBES
     sums = {}
     with torch.random.fork_rng(devices=[]):  # evaluation leaves training's random stream as it was
         for _ in range(cfg.eval_iters):
-            if probe:  # at least 32 sequences a batch: small batches on long tasks would make accuracy noise
+            if probe or text_probe:  # at least 32 sequences a batch: small batches would make accuracy noise
                 x, y = batches.get("val", batch_size=max(cfg.batch_size, 32), generator=gen)
             else:
                 x, y = batches.get("val", seq_len=2 * cfg.context_len, generator=gen)
             with autocast:
                 if probe:
                     stats = smt.evaluate_probe(model, x, y, whole=batches.meta["whole_answer"])
+                elif text_probe:  # accuracy per answer byte and per whole answer
+                    stats = smt.evaluate_probe(model, x, y, whole=False, whole_too=True)
                 else:
                     stats = smt.evaluate_rnn(model, x, y, cfg.context_len, primed=model.encoder is not None)
-                if model.encoder is not None and not probe:  # probes: teacher_acc says it; the losses cost a lot
+                if model.encoder is not None and not (probe or text_probe):  # probes: teacher_acc says it
                     L = cfg.context_len + cfg.future_len
                     stats.update(smt.smt_loss(model, x[:, :L], y[:, :L], cfg)[1])
             for k, v in stats.items():
@@ -301,11 +315,12 @@ def main(argv):
 
     if world > 1 and not master:
         dist.barrier()  # rank 0 prepares the dataset alone
-    folder = None if cfg.dataset in PROBES else prepare(cfg)
+    folder = None if cfg.dataset in PROBES + TEXT_PROBES else prepare(cfg)
     if world > 1 and master:
         dist.barrier()
     if folder is None:  # a probe: its sequences are generated per batch
-        batches = Probe(cfg, cfg.batch_size, cfg.seed, rank=rank, device=device)
+        kind = TextProbe if cfg.dataset in TEXT_PROBES else Probe
+        batches = kind(cfg, cfg.batch_size, cfg.seed, rank=rank, device=device)
     else:
         batches = Batches(folder, max(train_len(cfg), 2 * cfg.context_len), cfg.batch_size, cfg.seed, rank=rank,
                           device=device)
