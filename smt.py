@@ -152,7 +152,6 @@ def far_loss(model, m, y, pos, offsets):
     tokens, so without this a memory need not keep what is needed later than that (a name said again 60 bytes on),
     and then the memories in between do not hold it and no RNN step can carry it. Full-length decoding would cost
     the whole horizon per memory; here each memory costs R query tokens."""
-    B, P = m.shape[:2]
     L = y.size(1)
     idx = pos[:, None] + offsets[None]  # (P, R)
     tgt = y[:, idx.clamp(max=L - 1)].masked_fill((idx >= L)[None], -1)
