@@ -145,7 +145,7 @@ def shown(value):
 class Config:
     # run
     method: str = "smt"  # smt | bptt | tbptt | dmt
-    dataset: str = "shakespeare"  # shakespeare | tinystories | mnist | mnist5k | a probe | a text file or folder
+    dataset: str = "shakespeare"  # shakespeare | tinystories | mnist | mnist5k | a probe | longrange | text file(s)
     data_dir: str = "data"  # where prepared datasets are kept
     out_dir: str = "out"  # ckpt.pt, rnn.pt and log.jsonl go here
     init_from: str = "scratch"  # scratch | resume (continue out_dir) | for dmt: the out_dir of an SMT run
@@ -165,6 +165,7 @@ class Config:
     num_symbols: int = 16  # probes: distinct content symbols (parity: always 2)
     image_size: int = 0  # mnist, mnist5k: side of the images, a divisor of 28 (0: 28); smaller: blocks averaged
     binarize: bool = False  # mnist, mnist5k: pixels as 0 or 1 (vocab 2), 1 where the pixel (after resizing) >= 128
+    gap: int = 32  # longrange: bytes of filler between a fact and the place it is needed again
     # schedule and logging
     max_iters: int = 100000  # optimizer steps (on CPU, time_budget ends the run first)
     time_budget: float = 600.0  # stop after this many seconds of training, counting a resumed run's (0: no limit)
@@ -205,6 +206,10 @@ class Config:
     gamma: float = 1.0  # discount of the decoder loss k steps ahead
     coef_readout: float = 1.0  # the RNN's readout CE one step from each teacher memory, at the decoder's transitions
     #                            (smt.smt_loss): the RNN learns what it is scored on while the teacher learns
+    far_targets: int = 0  # far-future targets per memory: y_{t+r} from m_t at r in (future_len, far_horizon]; 0: off
+    far_horizon: int = 64  # farthest offset r; SMT windows grow to context_len + far_horizon to hold the targets
+    far_positions: int = 32  # memories per sequence that get those targets (each costs far_targets decoder tokens)
+    coef_far: float = 1.0  # weight of that far-future loss
     coef_recall: float = 0.0  # each memory names its last input (keeps memories Markov; see smt.recall_loss)
     dyn_weighting: str = "uniform"  # uniform | change: transitions weighted by how far the teacher memory moves
     memory_noise: float = 0.0  # std of Gaussian noise on the teacher memory the RNN steps from (robustness to drift)
@@ -285,13 +290,13 @@ def check_config(cfg):
     one_of("dtype", ("float32", "bfloat16"))
     one_of("act_ckpt", ("none", "cell", "all"))
     for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum", "d_model",
-                "n_heads", "mem_tokens", "context_len", "future_len", "seq_len", "dec_positions", "bptt_window",
-                "dmt_every", "max_bad_steps"):
+                "n_heads", "mem_tokens", "context_len", "future_len", "seq_len", "dec_positions", "far_positions",
+                "bptt_window", "dmt_every", "max_bad_steps"):
         if getattr(cfg, key) <= 0:
             raise UsageError(f"--{key} must be positive, not {getattr(cfg, key)}")
     for key in ("encoder_depth", "decoder_depth", "rnn_depth", "warmup_iters", "lr", "weight_decay", "grad_clip",
                 "time_budget", "eval_seconds", "coef_dec", "coef_dyn", "coef_unif", "coef_readout", "coef_recall", "gamma",
-                "peak_flops"):
+                "peak_flops", "far_targets", "coef_far"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
@@ -301,6 +306,9 @@ def check_config(cfg):
                          f"not {cfg.mem_tokens}")
     if cfg.positions != "all" and not (cfg.positions.isdigit() and int(cfg.positions) > 0):
         raise UsageError(f"--positions must be 'all' or a positive number, not '{cfg.positions}'")
+    if cfg.far_targets and cfg.far_targets > cfg.far_horizon - cfg.future_len:
+        raise UsageError(f"--far_targets={cfg.far_targets} offsets do not fit in (future_len, far_horizon] = "
+                         f"({cfg.future_len}, {cfg.far_horizon}]: raise --far_horizon or lower --far_targets")
     if cfg.dmt_steps < 2:
         raise UsageError(f"--dmt_steps must be at least 2, not {cfg.dmt_steps}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

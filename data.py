@@ -9,7 +9,8 @@ output, and atomically: a folder appears complete or not at all. Downloads resum
     python data.py mnist                              # MNIST as pixels, 784 tokens per image
     python data.py mnist5k --image_size=14 --binarize=True   # 5,000 digits, 14x14, black or white (vocab 2)
     python data.py notes/ --tokenizer=gpt2            # any text file or folder, here as GPT-2 BPE tokens
-The probes (retrieval, copy, stack, keys_values, modular, parity) need no preparation: they are generated per batch.
+The probes (retrieval, copy, stack, keys_values, modular, parity) and the long-range text probe (longrange) need
+no preparation: they are generated per batch.
 This module imports nothing of the project's own; its command line uses config.py's helpers.
 """
 import codecs
@@ -56,6 +57,7 @@ class DataConfig:
     num_symbols: int = 16  # probes: distinct content symbols (parity: always 2)
     image_size: int = 0  # mnist, mnist5k: side of the images, a divisor of 28 (0: 28); smaller: blocks averaged
     binarize: bool = False  # mnist, mnist5k: pixels as 0 or 1 (vocab 2), 1 where the pixel (after resizing) >= 128
+    gap: int = 32  # longrange: bytes of filler between a fact and the place it is needed again
 
 
 DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "data_dir")  # what picks the data
@@ -477,8 +479,8 @@ def dataset_folder(cfg):
     if name not in BUILTIN:
         path = Path(name)
         if not path.exists():
-            raise DataError(f"unknown dataset '{name}': not one of {', '.join([*BUILTIN, *PROBES])} and no "
-                             f"such file or folder")
+            known = ", ".join([*BUILTIN, *PROBES, *TEXT_PROBES])
+            raise DataError(f"unknown dataset '{name}': not one of {known} and no such file or folder")
         stamp = [f"{f.relative_to(path) if path.is_dir() else ''}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
                  for f in text_files(path)]
         key = hashlib.sha256(f"{path.resolve()}|{'|'.join(stamp)}".encode()).hexdigest()[:10]
@@ -497,7 +499,7 @@ def dataset_folder(cfg):
 def prepare(cfg):
     """Returns the folder of the dataset that cfg (a DataConfig, or any object with its fields, such as train.py's
     Config) names, preparing it first if needed."""
-    if cfg.dataset in PROBES:
+    if cfg.dataset in PROBES + TEXT_PROBES:
         raise DataError(f"{cfg.dataset} is a probe: its batches are generated as training goes, nothing to prepare")
     if cfg.dataset in PIXELS and cfg.tokenizer != "bytes":
         raise DataError(f"--tokenizer is for text; {cfg.dataset} is pixels (one token per pixel)")
@@ -684,6 +686,89 @@ class Probe:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# A long-range text probe: bytes (vocab 256) in which a fact must be recalled --gap bytes after it was seen, with
+# ordinary words in between. Trained on as text (every next byte a target); scored at the answers only.
+
+TEXT_PROBES = ("longrange",)
+FILLER = ("the of and to in is was he for it with as his on be at by had not are but from or have an they which one "
+          "you were her all she there would their we him been has when who will more no if out so said what up its "
+          "about into than them can only other new some could time these two may then do first any my now such like "
+          "our over man me even most made after also did many before must through back years where much your way "
+          "well down should because each just those people how too little good very make world still own see men "
+          "work long get here between both life being under never day same another know while last might us great "
+          "old year off come since against go came right used take three").split()  # no cue ('key', 'Bye', '=')
+BRACKETS = dict(zip('([{<"', ')]}>"'))
+LOWER = "abcdefghijklmnopqrstuvwxyz"
+
+
+class TextProbe:
+    """Byte sequences made of episodes, each one of three kinds with `gap` bytes of filler words in the middle:
+        key      'key=qzvx; <filler> key?qzvx\n'    a random key recalled
+        name     'I am Kavro. <filler> Bye Kavro.\n'  a random name repeated
+        bracket  '( <filler> =)\n'                   an opened bracket or quote closed
+    The answer is the key, the name, the closing bracket: the bytes that only the fact, seen gap bytes before,
+    predicts. Split 'train': episodes one after another from position 0, y = the next byte everywhere (a language
+    model). Split 'val': one episode from position 0, filler after it, y = -1 except at the answer bytes, so that
+    train.py's evaluation scores the RNN at the answers only (rnn_acc per letter, rnn_whole_acc per answer)."""
+
+    def __init__(self, cfg, batch_size, seed=0, rank=0, device="cpu"):
+        if cfg.gap < 1:
+            raise DataError(f"--gap must be positive, not {cfg.gap}")
+        self.gap, self.batch_size, self.device = cfg.gap, batch_size, device
+        self.seq_len = self.longest(cfg.gap) + 1
+        self.meta = dict(vocab_size=256, dtype="uint8", tokenizer="bytes", task=cfg.dataset, gap=cfg.gap,
+                         whole_answer=False)
+        self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
+
+    @staticmethod
+    def longest(gap):
+        """Bytes in the longest episode (a name's)."""
+        return gap + 23
+
+    def pick(self, n, g, high):
+        return torch.randint(high, (n,), generator=g).tolist()
+
+    def filler(self, n, g):
+        words = [FILLER[i] for i in self.pick(n // 2 + 1, g, len(FILLER))]  # words of 2+ letters: enough of them
+        return (" " + " ".join(words))[:n]
+
+    def episode(self, g):
+        """One episode: its text and where its answer starts and ends (a byte range)."""
+        kind = self.pick(1, g, 3)[0]
+        if kind == 0:
+            key = "".join(LOWER[i] for i in self.pick(4, g, 26))
+            head, cue, answer, tail = f"key={key};", " key?", key, "\n"
+        elif kind == 1:
+            first, rest = self.pick(1, g, 26)[0], self.pick(4, g, 26)
+            name = LOWER[first].upper() + "".join(LOWER[i] for i in rest)
+            head, cue, answer, tail = f"I am {name}.", " Bye ", name, ".\n"
+        else:
+            opener = '([{<"'[self.pick(1, g, 5)[0]]
+            head, cue, answer, tail = opener, " =", BRACKETS[opener], "\n"
+        start = len(head) + self.gap + len(cue)
+        return head + self.filler(self.gap, g) + cue + answer + tail, start, start + len(answer)
+
+    def get(self, split, batch_size=None, seq_len=None, generator=None):
+        """train: (B, seq_len) streams of episodes, y the next bytes; val: one episode per row (seq_len is ignored),
+        y only at its answer."""
+        B, g = batch_size or self.batch_size, generator or self.generator
+        L = (seq_len or self.seq_len) if split == "train" else self.seq_len
+        rows, ys = [], []
+        for _ in range(B):
+            text, a, b = self.episode(g)
+            while len(text) < L + 1:
+                text += self.episode(g)[0] if split == "train" else self.filler(L + 1 - len(text), g)
+            row = torch.tensor(list(text[: L + 1].encode()))
+            rows.append(row[:-1])
+            if split == "train":
+                ys.append(row[1:])
+            else:  # y_t = x_{t+1} where that is the answer's byte
+                ys.append(torch.full((L,), -1))
+                ys[-1][a - 1: b - 1] = row[a:b]
+        return torch.stack(rows).to(self.device), torch.stack(ys).to(self.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 def main(argv):
     from config import parse_overrides  # the command line only: the module itself imports nothing of ours
@@ -693,6 +778,12 @@ def main(argv):
         x, y = probe.get("train")
         print(f"{cfg.dataset} is generated per batch, nothing to prepare: sequences of {cfg.task_len} tokens, vocab "
               f"{probe.meta['vocab_size']}; one of them:\nx {x[0].tolist()}\ny {y[0].tolist()}")
+        return
+    if cfg.dataset in TEXT_PROBES:
+        x, y = TextProbe(cfg, 1).get("val")
+        print(f"{cfg.dataset} is generated per batch, nothing to prepare: bytes, gap {cfg.gap}; one held-out "
+              f"episode, its answer in brackets:\n" + "".join(f"[{chr(c)}]" if t >= 0 else chr(c) for c, t in
+                                                          zip(x[0].tolist(), [-1] + y[0, :-1].tolist())))
         return
     folder = prepare(cfg)
     meta = load_meta(folder)

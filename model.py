@@ -206,6 +206,16 @@ class Decoder(nn.Module):
         out = self.body(seq, torch.arange(seq.size(1), device=m.device), causal=True)
         return self.head(out[:, K - 1:])
 
+    def far(self, m, offsets):
+        """Predictions of y_{t+r} from m_t alone, for each offset r in offsets (R,), no token in between read:
+        m (N, K, d) -> logits (N, R, vocab). Each query is a copy of the last memory token placed where y_{t+r}
+        would be read off in forward (position K - 1 + r), so rotary positions tell the decoder the distance; the
+        queries carry nothing of the future, so they may see one another."""
+        N, K, _ = m.shape
+        seq = torch.cat([m, m[:, -1:].expand(-1, offsets.numel(), -1)], dim=1)
+        pos = torch.cat([torch.arange(K, device=m.device), K - 1 + offsets.to(m.device)])
+        return self.head(self.body(seq, pos, causal=True)[:, K:])
+
 
 class LinearReadout(nn.Module):
     """Alternative readout: a linear map of the whole flattened memory to logits."""

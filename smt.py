@@ -192,7 +192,8 @@ def smt_loss(model, x, y, cfg):
 
     Memories come from the teacher encoder for t and t+1; the RNN makes exactly one step from the teacher's m_t, so
     no gradient crosses more than one RNN step. cfg.detach_target stops L_dyn from shaping the encoder's targets.
-    With cfg.coef_recall, + coef_recall L_recall (recall_loss on every target memory; not in the paper).
+    With cfg.coef_recall, + coef_recall L_recall (recall_loss on every target memory; not in the paper); with
+    cfg.far_targets, + coef_far L_far (far_loss on far_positions of the memories; not in the paper).
     With cfg.coef_readout, + coef_readout L_readout (not in the paper): the readout's next-token CE on the RNN's one
     step f(m_t, x_{t+1}) from the teacher's m_t, at the transitions that get the decoder loss. Still one RNN step,
     and it trains the RNN and the readout only: they learn what they are scored on while the teacher learns."""
@@ -223,11 +224,36 @@ def smt_loss(model, x, y, cfg):
         readout = mean_bits(rnn_ce, y[:, t[d] + 1]) * LN2
         loss = loss + cfg.coef_readout * readout
         stats["rnn_step_bpb"] = readout.item() / LN2
+    if cfg.far_targets:
+        f = torch.randperm(P, device=x.device)[: min(P, cfg.far_positions)]
+        far = far_loss(model, m_now[:, f], y, t[f], far_offsets(cfg, x.device))
+        loss = loss + cfg.coef_far * far
+        stats["far"] = far.item()
     if cfg.coef_recall:
         recall = recall_loss(model, m_next, x[:, t + 1])
         loss = loss + cfg.coef_recall * recall
         stats["recall"] = recall.item()
     return loss, stats
+
+
+def far_offsets(cfg, device):
+    """far_targets distinct offsets r in (future_len, far_horizon], drawn anew each batch (shared by its memories)."""
+    span = cfg.far_horizon - cfg.future_len
+    return cfg.future_len + 1 + torch.randperm(span, device=device)[: cfg.far_targets]
+
+
+def far_loss(model, m, y, pos, offsets):
+    """L_far: CE of predicting y_{t+r} from the memory m_t alone (Decoder.far), m (B, P, K, d) at positions pos
+    (P,), for each offset r (R,); targets past the sequence end are skipped. The decoder predicts only future_len
+    tokens, so without this a memory need not keep what is needed later than that (a name said again 60 bytes on),
+    and then the memories in between do not hold it and no RNN step can carry it. Full-length decoding would cost
+    the whole horizon per memory; here each memory costs R query tokens."""
+    L = y.size(1)
+    idx = pos[:, None] + offsets[None]  # (P, R)
+    tgt = y[:, idx.clamp(max=L - 1)].masked_fill((idx >= L)[None], -1)
+    logits = model.decoder.far(m.flatten(0, 1), offsets).float()  # (B*P, R, V)
+    return F.cross_entropy(logits.flatten(0, 1), tgt.reshape(-1), ignore_index=-1, reduction="sum") / (
+        (tgt >= 0).sum().clamp(min=1))
 
 
 def recall_loss(model, m, tokens):
@@ -283,7 +309,7 @@ def evaluate(model, cfg, batches, autocast):
     teacher's losses. Always the same val windows (a fixed generator), so evaluations compare."""
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
-    probe = batches.meta["tokenizer"] == "probe"
+    probe = "whole_answer" in batches.meta  # scored at its answers only: a synthetic or a long-range text probe
     sums = {}
     # evaluation leaves training's random stream as it was; its shapes are not training's, so the compiled parts run
     # eagerly here (big batched calls; the rollout replays CUDA graphs) rather than compiling again
@@ -296,7 +322,8 @@ def evaluate(model, cfg, batches, autocast):
                 x, y = batches.get("val", seq_len=L, generator=gen)
             with autocast:
                 if probe:
-                    stats = evaluate_probe(model, x, y, whole=batches.meta["whole_answer"])
+                    stats = evaluate_probe(model, x, y, whole=batches.meta["whole_answer"],
+                                           whole_too=batches.meta["tokenizer"] != "probe")  # text: both
                 else:  # the teacher primes at most half the window
                     stats = evaluate_rnn(model, x, y, min(cfg.context_len, x.size(1) // 2),
                                          primed=model.encoder is not None)
@@ -326,15 +353,18 @@ def evaluate_rnn(model, x, y, context_len, primed):
 
 
 @torch.no_grad()
-def evaluate_probe(model, x, y, whole):
+def evaluate_probe(model, x, y, whole, whole_too=False):
     """A probe's score for the RNN alone, reading each whole task sequence x from m_empty: rnn_acc, the share of
     target positions where its readout's top token is the target (whole: the share of sequences with every target
-    right); rnn_target_bits, its loss per target; and, with a teacher, teacher_acc from the teacher's memories."""
+    right); rnn_target_bits, its loss per target; and, with a teacher, teacher_acc from the teacher's memories.
+    whole_too adds rnn_whole_acc, the share of sequences with every target right, to a per-target rnn_acc."""
     B, L = x.shape
     own = torch.stack([m for _, m in rollout(model, model.empty(B), x)], dim=1)
     logits = model.readout(own.flatten(0, 1)).view(B, L, -1)
     ce = cross_entropy(logits, y).view(B, L)
     out = dict(rnn_acc=accuracy(logits, y, whole), rnn_target_bits=mean_bits(ce, y).item())
+    if whole_too:
+        out["rnn_whole_acc"] = accuracy(logits, y, True)
     if model.encoder is not None:
         mem = model.memories(x, torch.arange(L, device=x.device))
         out["teacher_acc"] = accuracy(model.readout(mem.flatten(0, 1)).view(B, L, -1), y, whole)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import smt
 from checkpoint import RUN_FILES, load_checkpoint, load_weights, save_run
 from config import ARCH_KEYS, Config, UsageError, check_config, config_help, load_config, probe_defaults, run_cli
-from data import DATA_KEYS, PROBES, Batches, Probe, prepare
+from data import DATA_KEYS, PROBES, TEXT_PROBES, Batches, Probe, TextProbe, prepare
 
 
 def train_len(cfg):
@@ -33,9 +33,12 @@ def train_len(cfg):
         return cfg.task_len
     if cfg.method in ("bptt", "tbptt"):
         return cfg.seq_len
+    horizon = max(cfg.future_len, cfg.far_horizon if cfg.far_targets else 0)
     if cfg.method == "dmt":
         return max(cfg.dmt_steps + 1, cfg.context_len + cfg.future_len)
-    return cfg.context_len + cfg.future_len
+    if cfg.dataset in TEXT_PROBES:  # a window holds at least one whole episode, fact and answer
+        return max(cfg.context_len + horizon, TextProbe.longest(cfg.gap) + 1)
+    return cfg.context_len + horizon
 
 
 def lr_at(cfg, it):
@@ -185,11 +188,12 @@ class Trainer:
         cfg, world = self.cfg, self.world
         if world > 1 and not self.master:
             dist.barrier()  # rank 0 prepares the dataset alone
-        self.folder = None if cfg.dataset in PROBES else prepare(cfg)
+        self.folder = None if cfg.dataset in PROBES + TEXT_PROBES else prepare(cfg)
         if world > 1 and self.master:
             dist.barrier()
         if self.folder is None:  # a probe: its sequences are generated per batch
-            self.batches = Probe(cfg, cfg.batch_size, cfg.seed, rank=self.rank, device=self.device)
+            kind = TextProbe if cfg.dataset in TEXT_PROBES else Probe
+            self.batches = kind(cfg, cfg.batch_size, cfg.seed, rank=self.rank, device=self.device)
         else:
             self.batches = Batches(self.folder, max(train_len(cfg), 2 * cfg.context_len), cfg.batch_size, cfg.seed,
                                    rank=self.rank, device=self.device)

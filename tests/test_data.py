@@ -499,3 +499,57 @@ def test_train_on_a_probe(tmp_path):
     assert (config["dataset"], config["dmt_steps"], config["dmt_coef_readout"]) == ("keys_values", 15, 0.0)
     bad = run("train.py", "--dataset=copy", "--task_len=4", f"--out_dir={tmp_path / 'bad'}", cwd=tmp_path)
     one_error_line(bad, "--task_len must be at least 8")
+
+
+def test_longrange_answers_are_the_facts_seen_gap_bytes_before():
+    """Each held-out row is one episode from position 0: the targets are exactly the answer's bytes, at the bytes
+    after the cue, and the answer is the key, the name or the closer of the bracket that opened the episode."""
+    gap = 12
+    probe = data.TextProbe(data.DataConfig(dataset="longrange", gap=gap), 64, seed=3)
+    x, y = probe.get("val")
+    assert x.shape == y.shape == (64, gap + 24) and 0 <= x.min() and x.max() < 128
+    kinds = set()
+    for xs, ys in zip(x.tolist(), y.tolist()):
+        text = bytes(xs).decode()
+        targets = [t for t, v in enumerate(ys) if v >= 0]
+        answer = "".join(chr(ys[t]) for t in targets)
+        assert targets == list(range(targets[0], targets[0] + len(answer)))  # one contiguous answer
+        assert all(ys[t] == xs[t + 1] for t in targets[:-1])  # y_t is the next byte
+        start = targets[0] + 1  # where the answer's first byte sits in x
+        if text.startswith("key="):
+            key = text[4:8]
+            assert text[8] == ";" and answer == key and text[start - 5: start] == " key?"
+            assert key.isalpha() and key.islower() and start == 9 + gap + 5
+        elif text.startswith("I am "):
+            name = text[5:10]
+            assert answer == name and text[10] == "." and text[start - 5: start] == " Bye " and name.istitle()
+            assert start == 11 + gap + 5
+        else:
+            assert answer == dict(zip('([{<"', ')]}>"'))[text[0]] and text[start - 2: start] == " ="
+            assert start == 1 + gap + 2
+        kinds.add(text[:2] if text[0].isalpha() else "bracket")
+    assert kinds == {"ke", "I ", "bracket"}
+
+
+def test_longrange_trains_on_every_next_byte():
+    probe = data.TextProbe(data.DataConfig(dataset="longrange", gap=20), 8, seed=0)
+    x, y = probe.get("train", seq_len=100)
+    assert x.shape == y.shape == (8, 100) and torch.equal(x[:, 1:], y[:, :-1]) and (y >= 0).all()
+    assert all(bytes(r).decode().startswith(("key=", "I am ", *'([{<"')) for r in x.tolist())  # an episode at 0
+    assert torch.equal(x, data.TextProbe(data.DataConfig(dataset="longrange", gap=20), 8, seed=0).get(
+        "train", seq_len=100)[0])
+
+
+def test_train_on_longrange_reports_answer_accuracy(tmp_path):
+    out = tmp_path / "out"
+    result = cli(tmp_path, "train.py", f"--out_dir={out}", *TINY, "--max_iters=3", "--eval_interval=3",
+                 "--dataset=longrange", "--gap=8", "--far_targets=2", "--far_horizon=12")
+    assert "longrange" in result.stdout and "far" in result.stdout
+    record = evals(out)[-1]
+    assert {"val_rnn_acc", "val_rnn_whole_acc", "val_teacher_acc", "val_rnn_target_bits"} <= set(record)
+    assert 0 <= record["val_rnn_whole_acc"] <= record["val_rnn_acc"] <= 1
+    cli(tmp_path, "train.py", "--method=bptt", f"--out_dir={tmp_path / 'bptt'}", *TINY, "--max_iters=2",
+        "--eval_interval=2", "--dataset=longrange", "--gap=8")
+    assert 0 <= evals(tmp_path / "bptt")[-1]["val_rnn_acc"] <= 1
+    bad = run("train.py", "--dataset=longrange", "--gap=0", f"--out_dir={out}", cwd=tmp_path)
+    one_error_line(bad, "--gap must be positive")

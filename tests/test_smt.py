@@ -262,3 +262,48 @@ def test_every_cell_works_with_every_method_and_readout(cell, readout):
         grads = [p.grad for p in model.cell.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), (cell, readout, method)
         assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_far_targets_line_up_and_do_not_reach_the_memory():
+    """L_far scores y_{t+r} from m_t for each offset r, skips targets past the end, and m_t's far predictions are
+    the same whatever comes after t: the target cannot leak into the memory or the query."""
+    model = tiny_model()
+    x, y = torch.randint(0, 32, (2, 20)), torch.randint(0, 32, (2, 20))
+    pos, offsets = torch.tensor([-1, 4, 9]), torch.tensor([6, 11])
+    m = model.memories(x, pos)
+    logits = model.decoder.far(m.flatten(0, 1), offsets)
+    assert logits.shape == (6, 2, 32)
+    by_hand = [F.cross_entropy(logits.view(2, 3, 2, 32)[b, p, i], y[b, pos[p] + r])
+               for b in range(2) for p in range(3) for i, r in enumerate(offsets.tolist()) if pos[p] + r < 20]
+    assert len(by_hand) == 2 * 5  # t = 9, r = 11 would reach 20, past the end: skipped
+    assert torch.allclose(smt.far_loss(model, m, y, pos, offsets), torch.stack(by_hand).mean(), atol=1e-5)
+    assert torch.isclose(smt.far_loss(model, m, y, pos, torch.tensor([12])),  # 9 + 12 >= 20: skipped
+                         torch.stack([F.cross_entropy(model.decoder.far(m[:, p], torch.tensor([12]))[:, 0],
+                                                      y[:, pos[p] + 12]) for p in (0, 1)]).mean(), atol=1e-5)
+    later = x.clone()
+    later[:, 10:] = torch.randint(0, 32, (2, 10))  # every input after the last memory changes
+    again = model.decoder.far(model.memories(later, pos).flatten(0, 1), offsets)
+    assert torch.allclose(logits, again, atol=1e-6)
+    assert not torch.allclose(logits[:, 0], logits[:, 1])  # the distance reaches the prediction
+
+
+def test_far_targets_train_with_smt():
+    """With far_targets, smt_loss adds L_far; on a tiny batch it falls, and far offsets stay in
+    (future_len, far_horizon]."""
+    cfg = tiny_cfg(future_len=4, far_targets=3, far_horizon=8, far_positions=6)
+    offsets = torch.stack([smt.far_offsets(cfg, "cpu") for _ in range(50)])
+    assert offsets.min() == 5 and offsets.max() == 8 and all(len(set(o)) == 3 for o in offsets.tolist())
+    torch.manual_seed(0)
+    model = tiny_model()
+    x = torch.randint(0, 32, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    _, stats = smt.smt_loss(model, x, y, cfg)
+    assert stats["far"] > 0
+    far = []
+
+    def recording(*args):
+        loss, stats = smt.smt_loss(*args)
+        far.append(stats["far"])
+        return loss, stats
+    overfit(recording, model, cfg, x, y, steps=100)
+    assert sum(far[-10:]) / 10 < 0.6 * far[0], far[::10]  # offsets are drawn anew each step: a noisy curve
