@@ -200,7 +200,7 @@ def scaling(cfg, lengths):
 
 
 def throughput(cfg, context_len):
-    """Training tokens/s and transitions/s at context_len 256 (issue 3's setting), 16 memory tokens of width 64
+    """Training tokens/s and transitions/s at context_len 256 (the paper's context), 16 memory tokens of width 64
     (depths 2, 4 heads), future_len 16: sequences of 272 tokens for every method (BPTT unrolls all of them, TBPTT cuts
     every 16). A transition (m_t, x_{t+1}) -> m_{t+1} counts when the step trains it: SMT one per selected position,
     BPTT and TBPTT every step of the unroll."""

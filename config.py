@@ -10,6 +10,7 @@ import difflib
 import inspect
 import io
 import json
+import os
 import sys
 import textwrap
 import tokenize
@@ -33,7 +34,10 @@ def run_cli(main, usage=None):
     exit code 2."""
     argv = sys.argv[1:]
     if usage is not None and ("-h" in argv or "--help" in argv):
-        print(usage())
+        try:
+            print(usage(), flush=True)
+        except BrokenPipeError:  # piped into head, which stopped reading: nothing left to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     try:
         main(argv)
@@ -176,7 +180,7 @@ class Config:
     # optimisation
     batch_size: int = 32  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-3  # AdamW's peak learning rate; on CPU 3e-3 beat 1e-3 for SMT and BPTT alike (README)
+    lr: float = 3e-3  # AdamW's peak learning rate; on CPU 3e-3 beat 1e-3 for SMT and BPTT alike (docs/results.md)
     lr_schedule: str = "constant"  # constant | cosine (down to lr/10), both after a linear warmup
     warmup_iters: int = 100  # iterations of linear warmup
     weight_decay: float = 0.01  # AdamW's, on weight matrices only
@@ -220,7 +224,7 @@ class Config:
     bptt_window: int = 16  # tbptt: gradient cut every this many steps
     # DMT
     dmt_steps: int = 64  # Td: steps the RNN runs on its own memories
-    dmt_every: int = 1  # k: a dynamics target every k steps (paper: 16; every step did better on CPU, README)
+    dmt_every: int = 1  # k: a dynamics target every k steps (paper: 16; every step did better on CPU, docs/results.md)
     dmt_coef_dyn: float = 10.0  # weight of the dynamics loss along the RNN's own run
     dmt_coef_unif: float = 0.01  # weight of the uniformity loss
     dmt_coef_readout: float = 1.0  # readout CE on the RNN's own (detached) memory; 0 disables
@@ -242,7 +246,7 @@ METHODS = ("smt", "bptt", "tbptt", "dmt")
 
 def probe_defaults(task_len):
     """On a probe a training sequence is one whole task, which the teacher sees and predicts entirely. The rest is
-    what let the RNN alone solve retrieval on a CPU (README): 4 decoder windows a sequence (each costs task_len
+    what let the RNN alone solve retrieval on a CPU (docs/results.md): 4 decoder windows a sequence (each costs task_len
     tokens), memories that name their last input, the rare transitions that write weighted up, noisy teacher
     memories for the RNN's SMT step, DMT without the readout CE."""
     return dict(context_len=task_len, future_len=task_len, seq_len=task_len, dmt_steps=task_len - 1,

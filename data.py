@@ -581,7 +581,7 @@ class Batches:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The paper's synthetic probes (SMT.md section 8), generated per batch. Symbols are tokens 0..S-1; the tokens above
+# The paper's synthetic probes, generated per batch. Symbols are tokens 0..S-1; the tokens above
 # them are markers. y = -1 wherever there is no target.
 
 PROBES = ("retrieval", "copy", "stack", "keys_values", "modular", "parity")

@@ -1,5 +1,5 @@
 """Losses and rollouts: SMT, BPTT (and truncated BPTT), DMT, and the one RNN rollout that evaluation, DMT and
-sampling share. The method is written out in SMT.md; section numbers below refer to it.
+sampling share. docs/method.md explains the method and maps it onto these functions.
 
 Indexing: x, y are (B, L) with y = -1 where there is no target (for text, y_t = x_{t+1}). The memory at position t
 has read x_0..x_t and predicts y_t; position -1 is the empty memory. A transition is (m_t, x_{t+1}) -> m_{t+1}.
@@ -188,7 +188,7 @@ def dynamics_error(pred, target, before, weighting):
 
 
 def smt_loss(model, x, y, cfg):
-    """SMT (section 4): L = coef_dec L_dec + coef_dyn L_dyn + coef_unif L_unif, every selected transition at once.
+    """SMT: L = coef_dec L_dec + coef_dyn L_dyn + coef_unif L_unif, every selected transition at once.
 
     Memories come from the teacher encoder for t and t+1; the RNN makes exactly one step from the teacher's m_t, so
     no gradient crosses more than one RNN step. cfg.detach_target stops L_dyn from shaping the encoder's targets.
@@ -267,7 +267,7 @@ def recall_loss(model, m, tokens):
 
 
 def bptt_loss(model, x, y, cfg):
-    """BPTT (section 6): unroll from m_empty over the whole sequence, readout CE at every step, backprop through
+    """BPTT: unroll from m_empty over the whole sequence, readout CE at every step, backprop through
     the unroll. cfg.bptt_window = k > 0 makes it truncated BPTT: memory carried on, gradient cut every k steps."""
     window = cfg.bptt_window if cfg.method == "tbptt" else 0
     memories = torch.stack([m for _, m in rollout(model, model.empty(x.size(0)), x, detach_every=window)], dim=1)
@@ -277,7 +277,7 @@ def bptt_loss(model, x, y, cfg):
 
 
 def dmt_loss(model, x, y, cfg):
-    """DMT (section 5): start from the teacher's memory at a random t0, let the RNN run on its own memories (no
+    """DMT (drift correction): start from the teacher's memory at a random t0, let the RNN run on its own memories (no
     gradient through the unroll), and every dmt_every steps regress f(m_hat_t, x_{t+1}) onto the teacher's
     m_{t+1}. Optional readout CE on the RNN's own memory, input detached. The teacher (encoder) is frozen."""
     B, L = x.shape

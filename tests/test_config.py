@@ -3,6 +3,8 @@ and the direction of imports between the project's files."""
 import ast
 import dataclasses
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -52,6 +54,15 @@ def test_train_help_shows_the_defaults_that_apply_on_cuda_for_dmt_and_on_probes(
     comments, sections = config.field_comments(Config)
     assert not any(re.search(r"(cuda|dmt): \d", c) for c in comments.values())  # said once, from the dicts
     assert sections["lr"] == "optimisation" and sections["method"] == "run"
+
+
+def test_help_piped_into_a_reader_that_stops_early_exits_quietly():
+    """`python train.py --help | head -1`: the reader has closed the pipe (here before the help is written, as
+    head does once it has its line); no traceback, exit 0."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0 and proc.stderr.read() == b""
 
 
 def test_field_comments_read_continued_comments():

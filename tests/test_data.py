@@ -551,5 +551,5 @@ def test_train_on_longrange_reports_answer_accuracy(tmp_path):
     cli(tmp_path, "train.py", "--method=bptt", f"--out_dir={tmp_path / 'bptt'}", *TINY, "--max_iters=2",
         "--eval_interval=2", "--dataset=longrange", "--gap=8")
     assert 0 <= evals(tmp_path / "bptt")[-1]["val_rnn_acc"] <= 1
-    bad = run("train.py", "--dataset=longrange", "--gap=0", f"--out_dir={out}", cwd=tmp_path)
+    bad = run("train.py", "--dataset=longrange", "--gap=0", f"--out_dir={tmp_path / 'gap0'}", cwd=tmp_path)
     one_error_line(bad, "--gap must be positive")
