@@ -522,23 +522,6 @@ def prepare(cfg):
     return out
 
 
-def load_checkpoint(path, what, keys=("config", "model", "meta")):
-    """A checkpoint's tensors and plain config (weights_only: nothing in the file can run code); one clear line if
-    it is missing, damaged or lacks `keys`."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"no {path.name} in {path.parent}: {what}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupted or not a checkpoint at all
-        raise DataError(f"cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not ours") from None
-    if not isinstance(ckpt, dict) or not set(keys) <= set(ckpt):
-        raise DataError(f"{path} is not a checkpoint this can use: it needs {', '.join(keys)}")
-    # a torch.compile(model) wrapper prefixes every key; the weights are the same as the plain model's
-    ckpt["model"] = {k.replace("_orig_mod.", ""): v for k, v in ckpt["model"].items()}
-    return ckpt
-
-
 def load_meta(folder):
     return json.loads((Path(folder) / "meta.json").read_text())
 
