@@ -321,7 +321,8 @@ QUICK_GPU = dict(d_model=16, n_heads=2, mem_tokens=2, encoder_depth=1, decoder_d
 def gpu_suite(cfg):
     """For SMT and BPTT at each (L, batch) of GPU_SHAPES, each part compiled once for its shape (dynamic=False), as in
     train.py: step_s (median of --repeats after a first step, whose time, compiling included, is first_step_s),
-    tokens_per_s, tflops_per_s and mfu (FLOPs by FlopCounterMode on the eager model against the device's bf16 peak; None if unknown),
+    tokens_per_s, tflops_per_s and mfu (FLOPs by FlopCounterMode on the eager model against the device's bf16 peak;
+    None if unknown),
     peak_mem_gib (torch.cuda.max_memory_allocated during the steps). Then one evaluate_rnn as train.py runs it
     (batch 128 reading 512 tokens, then 256 from the teacher's priming), first and second call; and greedy generation
     from m_empty at batch 1 and 128, CUDA graphs against plain eager steps."""

@@ -236,7 +236,7 @@ class Config:
 CUDA_DEFAULTS = dict(max_iters=150000, time_budget=0.0, eval_interval=2000, batch_size=128, lr=3e-4, warmup_iters=1500,
                      d_model=256, n_heads=8, mem_tokens=16, encoder_depth=8, decoder_depth=4, rnn_depth=8,
                      context_len=256, future_len=64, seq_len=256, dmt_steps=256,
-                     dec_positions=16, coef_dyn=0.1, coef_readout=0.0)  # the paper's: the CPU's were measured on CPU only
+                     dec_positions=16, coef_dyn=0.1, coef_readout=0.0)  # the paper's: the CPU's were measured on a CPU
 DMT_DEFAULTS = dict(lr=3e-4, lr_schedule="cosine", max_iters=1500, warmup_iters=15)
 CUDA_DMT_DEFAULTS = dict(lr=3e-5)  # on top of DMT_DEFAULTS
 ARCH_KEYS = ("d_model", "n_heads", "mem_tokens", "encoder_depth", "decoder_depth", "rnn_depth", "cell", "encoder",
@@ -246,8 +246,8 @@ METHODS = ("smt", "bptt", "tbptt", "dmt")
 
 def probe_defaults(task_len):
     """On a probe a training sequence is one whole task, which the teacher sees and predicts entirely. The rest is
-    what let the RNN alone solve retrieval on a CPU (docs/results.md): 4 decoder windows a sequence (each costs task_len
-    tokens), memories that name their last input, the rare transitions that write weighted up, noisy teacher
+    what let the RNN alone solve retrieval on a CPU (docs/results.md): 4 decoder windows a sequence (each costs
+    task_len tokens), memories that name their last input, the rare transitions that write weighted up, noisy teacher
     memories for the RNN's SMT step, DMT without the readout CE."""
     return dict(context_len=task_len, future_len=task_len, seq_len=task_len, dmt_steps=task_len - 1,
                 dec_positions=4, coef_recall=0.1, dyn_weighting="change", memory_noise=0.3, dmt_coef_readout=0.0,
@@ -299,8 +299,8 @@ def check_config(cfg):
         if getattr(cfg, key) <= 0:
             raise UsageError(f"--{key} must be positive, not {getattr(cfg, key)}")
     for key in ("encoder_depth", "decoder_depth", "rnn_depth", "warmup_iters", "lr", "weight_decay", "grad_clip",
-                "time_budget", "eval_seconds", "coef_dec", "coef_dyn", "coef_unif", "coef_readout", "coef_recall", "gamma",
-                "peak_flops", "far_targets", "coef_far"):
+                "time_budget", "eval_seconds", "coef_dec", "coef_dyn", "coef_unif", "coef_readout", "coef_recall",
+                "gamma", "peak_flops", "far_targets", "coef_far"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:

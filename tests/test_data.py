@@ -392,7 +392,8 @@ def test_too_little_data_asks_for_more_and_leaves_nothing_behind(tmp_path):
     """Ten bytes leave one for val, less than any window: only more data helps, and no folder is left in data/."""
     ten = tmp_path / "ten.txt"
     ten.write_bytes(b"0123456789")
-    with pytest.raises(data.DataError, match="its val split has 1 of the 3 tokens that the shortest training window needs; give more data$"):
+    with pytest.raises(data.DataError, match="its val split has 1 of the 3 tokens that the shortest training window "
+                                             "needs; give more data$"):
         data.prepare(data.DataConfig(str(ten), str(tmp_path / "data")))
     assert list((tmp_path / "data").rglob("*")) == []
 
