@@ -200,16 +200,13 @@ class Config:
     readout: str = "decoder"  # decoder: the teacher decoder's next-token head | linear: on the flat memory
     # SMT
     context_len: int = 64  # Tc: window a teacher memory sees (causal encoder: per attention layer)
-    future_len: int = 8  # Tf: tokens the decoder predicts from each memory (CPU text: 8 beat 16, docs/results.md)
+    future_len: int = 16  # Tf: tokens the decoder predicts from each memory
     positions: str = "all"  # transitions trained per sequence: all, or a number (1 = the released recipe)
-    dec_positions: int = 32  # of those, how many also get the decoder loss (the decoder costs Tf tokens each)
+    dec_positions: int = 16  # of those, how many also get the decoder loss (the decoder costs Tf tokens each)
     coef_dec: float = 1.0  # weight of the decoder loss
-    coef_dyn: float = 1.0  # weight of the dynamics loss (the paper's 0.1 lets the RNN drift off its teacher once
-    #                        the readout loss is on)
+    coef_dyn: float = 0.1  # weight of the dynamics loss
     coef_unif: float = 0.001  # weight of the uniformity loss
     gamma: float = 1.0  # discount of the decoder loss k steps ahead
-    coef_readout: float = 1.0  # the RNN's readout CE one step from each teacher memory, at the decoder's transitions
-    #                            (smt.smt_loss): the RNN learns what it is scored on while the teacher learns
     far_targets: int = 0  # far-future targets per memory: y_{t+r} from m_t at r in (future_len, far_horizon]; 0: off
     far_horizon: int = 64  # farthest offset r; SMT windows grow to context_len + far_horizon to hold the targets
     far_positions: int = 32  # memories per sequence that get those targets (each costs far_targets decoder tokens)
@@ -235,8 +232,7 @@ class Config:
 # 3e-5 on CUDA; on a probe what let the RNN alone solve retrieval on a CPU (see probe_defaults).
 CUDA_DEFAULTS = dict(max_iters=150000, time_budget=0.0, eval_interval=2000, batch_size=128, lr=3e-4, warmup_iters=1500,
                      d_model=256, n_heads=8, mem_tokens=16, encoder_depth=8, decoder_depth=4, rnn_depth=8,
-                     context_len=256, future_len=64, seq_len=256, dmt_steps=256,
-                     dec_positions=16, coef_dyn=0.1, coef_readout=0.0)  # the paper's: the CPU's were measured on a CPU
+                     context_len=256, future_len=64, seq_len=256, dmt_steps=256)
 DMT_DEFAULTS = dict(lr=3e-4, lr_schedule="cosine", max_iters=1500, warmup_iters=15)
 CUDA_DMT_DEFAULTS = dict(lr=3e-5)  # on top of DMT_DEFAULTS
 ARCH_KEYS = ("d_model", "n_heads", "mem_tokens", "encoder_depth", "decoder_depth", "rnn_depth", "cell", "encoder",
@@ -250,8 +246,7 @@ def probe_defaults(task_len):
     task_len tokens), memories that name their last input, the rare transitions that write weighted up, noisy teacher
     memories for the RNN's SMT step, DMT without the readout CE."""
     return dict(context_len=task_len, future_len=task_len, seq_len=task_len, dmt_steps=task_len - 1,
-                dec_positions=4, coef_recall=0.1, dyn_weighting="change", memory_noise=0.3, dmt_coef_readout=0.0,
-                coef_dyn=0.1, coef_readout=0.0)
+                dec_positions=4, coef_recall=0.1, dyn_weighting="change", memory_noise=0.3, dmt_coef_readout=0.0)
 
 
 def config_help(doc):
@@ -299,7 +294,7 @@ def check_config(cfg):
         if getattr(cfg, key) <= 0:
             raise UsageError(f"--{key} must be positive, not {getattr(cfg, key)}")
     for key in ("encoder_depth", "decoder_depth", "rnn_depth", "warmup_iters", "lr", "weight_decay", "grad_clip",
-                "time_budget", "eval_seconds", "coef_dec", "coef_dyn", "coef_unif", "coef_readout", "coef_recall",
+                "time_budget", "eval_seconds", "coef_dec", "coef_dyn", "coef_unif", "coef_recall",
                 "gamma", "peak_flops", "far_targets", "coef_far"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")

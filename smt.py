@@ -193,10 +193,7 @@ def smt_loss(model, x, y, cfg):
     Memories come from the teacher encoder for t and t+1; the RNN makes exactly one step from the teacher's m_t, so
     no gradient crosses more than one RNN step. cfg.detach_target stops L_dyn from shaping the encoder's targets.
     With cfg.coef_recall, + coef_recall L_recall (recall_loss on every target memory; not in the paper); with
-    cfg.far_targets, + coef_far L_far (far_loss on far_positions of the memories; not in the paper).
-    With cfg.coef_readout, + coef_readout L_readout (not in the paper): the readout's next-token CE on the RNN's one
-    step f(m_t, x_{t+1}) from the teacher's m_t, at the transitions that get the decoder loss. Still one RNN step,
-    and it trains the RNN and the readout only: they learn what they are scored on while the teacher learns."""
+    cfg.far_targets, + coef_far L_far (far_loss on far_positions of the memories; not in the paper)."""
     B, L = x.shape
     t = positions_for(cfg, L, x.device)  # (P,)
     P = t.numel()
@@ -217,13 +214,6 @@ def smt_loss(model, x, y, cfg):
     unif = uniformity(mem)
     loss = cfg.coef_dec * dec + cfg.coef_dyn * dyn + cfg.coef_unif * unif
     stats = dict(dec=dec.item(), dyn=dyn.item(), unif=unif.item(), teacher_bpb=first.item() / LN2)
-    if cfg.coef_readout:  # at the decoder's transitions only: on all of them the readout costs what the decoder does
-        # from a detached m_t: shaping the teacher toward what one RNN step can read out cost it 0.1-0.2 bits/byte
-        own = model.step(m_now[:, d].detach().flatten(0, 1), x[:, t[d] + 1].reshape(-1))
-        rnn_ce = readout_ce(model, own.view(B, -1, *own.shape[1:]), y[:, t[d] + 1])
-        readout = mean_bits(rnn_ce, y[:, t[d] + 1]) * LN2
-        loss = loss + cfg.coef_readout * readout
-        stats["rnn_step_bpb"] = readout.item() / LN2
     if cfg.far_targets:
         f = torch.randperm(P, device=x.device)[: min(P, cfg.far_positions)]
         far = far_loss(model, m_now[:, f], y, t[f], far_offsets(cfg, x.device))
