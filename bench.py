@@ -136,9 +136,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
         if compile:
-            for part in (self.model.encoder, self.model.decoder, self.model.cell):
-                if part is not None:
-                    part.compile(dynamic=False)  # one shape per trainer: no dynamic-shape recompiles
+            self.model.compile_parts(dynamic=False)  # one shape per trainer: no dynamic-shape recompiles
 
     def step(self, x, y):
         sync(self.device)
@@ -468,7 +466,7 @@ def race(cfg, name, args):
     its budget: side by side they would contend for its SMs and memory bandwidth in ways neither controls. Returns
     {"smt+dmt" (or "smt"): ..., "bptt": ...}, each ([log records], the out_dir of its last run)."""
     args = [*args, f"--eval_interval={cfg.eval_interval}", f"--eval_seconds={cfg.eval_seconds}"]
-    if cfg.device != "cpu":  # eager: compiling would be charged to each run's budget (twice in the SMT lane)
+    if cfg.device != "cpu":  # eager: a compile warm-up of about a minute per run would not fit three runs in 8 min
         args.append("--compile=False")
         progress(f"{name} on {cfg.device}: the two lanes in turn, each with the whole GPU for {cfg.budget:g} s")
         return {smt_method(cfg): smt_lane(cfg, name, args), "bptt": bptt_lane(cfg, name, args)}

@@ -343,6 +343,13 @@ class SMTModel(nn.Module):
             if isinstance(module, Transformer):
                 module.act_ckpt = id(module) in chosen
 
+    def compile_parts(self, **options):
+        """torch.compile the encoder (if any), the decoder and the cell in place, each on its own: the losses call
+        the parts, not a forward of the whole model."""
+        for part in (self.encoder, self.decoder, self.cell):
+            if part is not None:
+                part.compile(**options)
+
     def empty(self, batch):
         """m_empty for a batch: (batch, K, d)."""
         return rms(self.m_empty).expand(batch, -1, -1)

@@ -241,9 +241,8 @@ def far_loss(model, m, y, pos, offsets):
     L = y.size(1)
     idx = pos[:, None] + offsets[None]  # (P, R)
     tgt = y[:, idx.clamp(max=L - 1)].masked_fill((idx >= L)[None], -1)
-    logits = model.decoder.far(m.flatten(0, 1), offsets).float()  # (B*P, R, V)
-    return F.cross_entropy(logits.flatten(0, 1), tgt.reshape(-1), ignore_index=-1, reduction="sum") / (
-        (tgt >= 0).sum().clamp(min=1))
+    ce = cross_entropy(model.decoder.far(m.flatten(0, 1), offsets), tgt)  # (B * P * R,)
+    return mean_bits(ce, tgt.reshape(-1)) * LN2
 
 
 def recall_loss(model, m, tokens):

@@ -163,9 +163,7 @@ class Trainer:
         self.flops = (smt.step_flops(self.model, self.loss_fn, cfg, self.meta["vocab_size"], L, device, self.autocast)
                       if device.type == "cuda" or self.peak else 0)
         if cfg.compile and device.type == "cuda":
-            for part in (self.model.encoder, self.model.decoder, self.model.cell):
-                if part is not None:
-                    part.compile()
+            self.model.compile_parts()
             seconds = warm_up(self.model, self.loss_fn, cfg, self.batches, L, device, self.autocast)
             if self.master:
                 print(f"compiled in {seconds:.1f}s (a warm-up step, not counted as training time)", flush=True)
