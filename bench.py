@@ -89,7 +89,8 @@ SUITE_DEFAULTS = dict(  # the reproductions' settings, quoted in the README; --q
     # a GRU cell and a one-layer decoder readout for both lanes: on one CPU thread a BPTT step on 196 pixels costs
     # about a quarter of the default Transformer cell's, so each lane gets some 1,000 steps in 10 minutes
     images=dict(dataset="mnist5k", image_size=14, binarize=True, budget=600, eval_interval=100,
-                smt_args="--context_len=180 --future_len=16 --batch_size=16 --cell=gru --decoder_depth=1",
+                smt_args="--context_len=180 --future_len=16 --positions=all --dec_positions=16 --batch_size=16 --cell=gru "
+                         "--decoder_depth=1",
                 bptt_args="--seq_len=196 --batch_size=16 --cell=gru --decoder_depth=1",
                 dmt_args="--lr=3e-4 --batch_size=16"),
 )

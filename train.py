@@ -41,13 +41,16 @@ def train_len(cfg):
     return cfg.context_len + horizon
 
 
-def lr_at(cfg, it):
-    """Linear warmup, then constant or cosine decay to lr/10."""
+def lr_at(cfg, it, elapsed):
+    """Linear warmup, then constant or cosine decay to lr/10. The cosine runs over max_iters or time_budget, whichever
+    ends the run first: a CPU run stopped by its time budget would otherwise stop before its decay has begun."""
     if it < cfg.warmup_iters:
         return cfg.lr * (it + 1) / cfg.warmup_iters
     if cfg.lr_schedule == "constant":
         return cfg.lr
     progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    if cfg.time_budget > 0:
+        progress = max(progress, min(1.0, elapsed / cfg.time_budget))
     return cfg.lr / 10 + 0.5 * (cfg.lr - cfg.lr / 10) * (1 + math.cos(math.pi * progress))
 
 
@@ -303,8 +306,6 @@ class Trainer:
         Returns the loss, the losses' numbers, the training seconds, and whether time is up or a signal came (on
         any rank: `stop` holds this one's)."""
         cfg = self.cfg
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(cfg, it)
         L = train_len(cfg)
         loss_sum, stats_sum = 0.0, {}
         for _ in range(cfg.grad_accum):
@@ -317,11 +318,14 @@ class Trainer:
                 stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
         elapsed = self.elapsed_before + time.time() - self.t_start
         out_of_time, signalled = cfg.time_budget > 0 and elapsed >= cfg.time_budget, bool(stop)
-        if self.world > 1:  # every rank gets the mean gradient and logged numbers, and stops when any must
-            loss_sum, *values, out_of_time, signalled = all_reduce_mean(
-                self.params, [loss_sum, *stats_sum.values(), out_of_time, signalled])
+        if self.world > 1:  # every rank gets the mean gradient, logged numbers and clock, and stops when any must
+            loss_sum, *values, elapsed, out_of_time, signalled = all_reduce_mean(
+                self.params, [loss_sum, *stats_sum.values(), elapsed, out_of_time, signalled])
             stats_sum = dict(zip(stats_sum, values))
             out_of_time, signalled = out_of_time > 0, signalled > 0
+        self.lr = lr_at(cfg, it, elapsed)  # from the clock every rank shares, so that all take the same step
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
         # with max_norm=inf, clip_grad_norm_ only measures: the norm tells whether every gradient is finite
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if math.isfinite(loss_sum) and torch.isfinite(norm):
@@ -345,7 +349,7 @@ class Trainer:
         speed = (f" | MFU {100 * speed / self.peak:.1f}%" if self.peak else f" | {speed / 1e12:.3g} TFLOP/s"
                  if self.flops else "") + (f" | peak mem {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.1f}"
                                            " GiB" if self.device.type == "cuda" else "")
-        print(f"iter {it}/{cfg.max_iters} | loss {loss:.4f} | {shown} | lr {lr_at(cfg, it - 1):.2e} | "
+        print(f"iter {it}/{cfg.max_iters} | loss {loss:.4f} | {shown} | lr {self.lr:.2e} | "
               f"{rate:,.0f} tok/s{speed} | {elapsed:.0f}s elapsed | ETA {max(0, eta):.0f}s"
               + (f" | skipped {self.skipped} (non-finite)" if self.skipped else ""), flush=True)
         self.t_last, self.tokens_done = now, 0

@@ -2,6 +2,7 @@
 and the direction of imports between the project's files."""
 import ast
 import dataclasses
+import math
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import bench
 import config
 import data
 import sample
+import train
 from config import Config, UsageError, load_config, parse_overrides
 from conftest import ROOT, run
 
@@ -48,7 +50,7 @@ def test_train_help_shows_the_defaults_that_apply_on_cuda_for_dmt_and_on_probes(
     result = run("train.py", "--help", "--max_iters=oops", cwd=tmp_path)  # help wins over what else is there
     assert result.returncode == 0
     lines = {name: comment for name, (_, _, comment) in options(result.stdout).items()}
-    assert lines["lr"].endswith("[cuda: 0.0003; dmt: 0.0003; cuda dmt: 3e-05]")
+    assert lines["lr"].endswith("[cuda: 0.0003; dmt: 0.002; cuda dmt: 3e-05; probe dmt: 0.0003]")
     assert lines["context_len"].endswith("[cuda: 256; probe (task_len 64): 64]")
     assert "\nschedule and logging:\n  --max_iters=" in result.stdout  # grouped by Config's section comments
     comments, sections = config.field_comments(Config)
@@ -82,10 +84,13 @@ def test_a_misspelt_option_names_the_closest(arg, message):
     assert str(error.value).startswith(message) and len(str(error.value)) < 100
 
 
-def test_dmt_learning_rate_depends_on_the_device():
-    """What every CPU result used (3e-4), the paper's 3e-5 on CUDA; the command line wins."""
+def test_dmt_learning_rate_depends_on_the_device_and_the_task():
+    """2e-3 on a CPU, the paper's 3e-5 on CUDA, on a probe on a CPU what the probes' results used (3e-4); the command
+    line wins."""
     cpu, given = load_config(["--method=dmt", "--device=cpu", "--init_from=x"])
-    assert (cpu.lr, cpu.lr_schedule, cpu.max_iters, given) == (3e-4, "cosine", 1500, {"method", "device", "init_from"})
+    assert (cpu.lr, cpu.lr_schedule, cpu.max_iters, given) == (2e-3, "cosine", 1500, {"method", "device", "init_from"})
+    assert load_config(["--method=dmt", "--device=cpu", "--dataset=retrieval"])[0].lr == 3e-4
+    assert load_config(["--method=smt", "--device=cpu", "--dataset=retrieval"])[0].lr == 3e-3
     assert load_config(["--method=dmt", "--device=cuda"])[0].lr == 3e-5
     assert load_config(["--method=smt", "--device=cuda"])[0].lr == 3e-4
     assert load_config(["--method=smt", "--device=cpu"])[0].lr == 3e-3
@@ -107,3 +112,25 @@ def test_imports_flow_one_way():
     assert not any(set(clis) & found for found in imports.values())  # nothing imports a CLI
     expected = dict(data=set(), model=set(), smt={"model"}, config={"data", "smt"}, checkpoint={"config"})
     assert {name: imports[name] for name in expected} == expected
+
+
+def test_cosine_decays_over_the_time_budget_when_it_ends_the_run_first():
+    """A DMT run stopped by its time budget after a few hundred of its 1,500 iterations must still reach lr/10 at the
+    end, and be halfway down at half the time; with no budget the iterations set the pace, as before."""
+    cfg = Config(lr=1e-3, lr_schedule="cosine", warmup_iters=10, max_iters=1010, time_budget=100.0)
+    assert train.lr_at(cfg, 5, 0.0) == pytest.approx(1e-3 * 6 / 10)  # warmup by iterations
+    assert train.lr_at(cfg, 20, 50.0) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert train.lr_at(cfg, 20, 100.0) == pytest.approx(1e-4)
+    assert train.lr_at(cfg, 510, 1.0) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # iterations ahead of the clock
+    untimed = dataclasses.replace(cfg, time_budget=0.0)
+    assert train.lr_at(untimed, 20, 1e6) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.01))))
+    assert train.lr_at(dataclasses.replace(cfg, lr_schedule="constant"), 20, 100.0) == 1e-3
+
+
+def test_bptt_decays_its_learning_rate_by_default():
+    """The baseline gets its best schedule (cosine beat a constant lr at equal CPU time); SMT keeps a constant one,
+    since its lane ends in DMT, which decays."""
+    for method in ("bptt", "tbptt"):
+        assert load_config([f"--method={method}", "--device=cpu"])[0].lr_schedule == "cosine"
+    assert load_config(["--method=bptt", "--lr_schedule=constant"])[0].lr_schedule == "constant"
+    assert load_config(["--method=smt", "--device=cpu"])[0].lr_schedule == "constant"
