@@ -89,10 +89,9 @@ SUITE_DEFAULTS = dict(  # the reproductions' settings, quoted in the README; --q
     # a GRU cell and a one-layer decoder readout for both lanes: on one CPU thread a BPTT step on 196 pixels costs
     # about a quarter of the default Transformer cell's, so each lane gets some 1,000 steps in 10 minutes
     images=dict(dataset="mnist5k", image_size=14, binarize=True, budget=600, eval_interval=100,
-                smt_args="--context_len=180 --future_len=16 --positions=all --dec_positions=16 --batch_size=16 --cell=gru "
-                         "--decoder_depth=1",
+                smt_args="--context_len=180 --future_len=16 --batch_size=16 --cell=gru --decoder_depth=1",
                 bptt_args="--seq_len=196 --batch_size=16 --cell=gru --decoder_depth=1",
-                dmt_args="--lr=3e-4 --batch_size=16"),
+                dmt_args="--batch_size=16"),
 )
 QUICK = dict(budget=8, eval_interval=1000)  # one evaluation, at the end
 # The race on one GPU, in under 8 minutes all included: train.py's CUDA defaults (the paper's shapes, batch 128) for
@@ -178,7 +177,7 @@ def scaling(cfg, lengths):
     tokens = cfg.tokens or (1024 if cfg.quick else 4096)
     repeats = cfg.repeats or (1 if cfg.quick else 3)
     gen = torch.Generator().manual_seed(cfg.seed)
-    base, device = Config(), torch.device(cfg.device)
+    base, device = Config(positions="all", future_len=16), torch.device(cfg.device)  # as measured: every transition
     trainers = dict(smt=Trainer(dataclasses.replace(base, method="smt"), device),
                     bptt=Trainer(dataclasses.replace(base, method="bptt"), device))
     batches = {L: random_batch(max(1, tokens // L), L, gen, device) for L in lengths}
@@ -330,7 +329,7 @@ def gpu_suite(cfg):
     shapes = ((16, 2), (32, 1)) if cfg.quick else GPU_SHAPES
     bf16 = device.type == "cuda"  # the CPU rehearsal runs float32
     base = dataclasses.replace(Config(), **{**CUDA_DEFAULTS, **(QUICK_GPU if cfg.quick else {})},
-                               dtype="bfloat16" if bf16 else "float32", positions="all", act_ckpt=cfg.act_ckpt)
+                               dtype="bfloat16" if bf16 else "float32", act_ckpt=cfg.act_ckpt)
     peak = smt.peak_flops(base.peak_flops, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     for L, batch in shapes:

@@ -134,3 +134,13 @@ def test_bptt_decays_its_learning_rate_by_default():
         assert load_config([f"--method={method}", "--device=cpu"])[0].lr_schedule == "cosine"
     assert load_config(["--method=bptt", "--lr_schedule=constant"])[0].lr_schedule == "constant"
     assert load_config(["--method=smt", "--device=cpu"])[0].lr_schedule == "constant"
+
+
+def test_a_cpu_trains_a_few_transitions_a_step_a_gpu_and_the_probes_all():
+    """8 random transitions a step is a CPU default (cheap steps); on CUDA every transition costs little more than one,
+    and the probes' results were measured training all."""
+    cpu = load_config(["--device=cpu"])[0]
+    assert (cpu.positions, cpu.dec_positions, cpu.future_len) == ("8", 8, 8)
+    cuda = load_config(["--device=cuda"])[0]
+    assert (cuda.positions, cuda.dec_positions, cuda.future_len) == ("all", 16, 64)
+    assert load_config(["--device=cpu", "--dataset=retrieval"])[0].positions == "all"

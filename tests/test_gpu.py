@@ -16,10 +16,10 @@ def test_bf16_autocast_matches_float32(method):
     x = torch.randint(0, 32, (4, 16), device="cuda")
     y = torch.roll(x, -1, dims=1)
     torch.manual_seed(0)
-    full, _ = smt.LOSSES[method](model, x, y, tiny_cfg(method=method, future_len=4))
+    full, _ = smt.LOSSES[method](model, x, y, tiny_cfg(method=method, future_len=4, positions="all"))
     torch.manual_seed(0)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        half, _ = smt.LOSSES[method](model, x, y, tiny_cfg(method=method, future_len=4))
+        half, _ = smt.LOSSES[method](model, x, y, tiny_cfg(method=method, future_len=4, positions="all"))
     assert abs(full.item() - half.item()) < 0.05 * abs(full.item())
 
 
@@ -33,7 +33,7 @@ def test_compiled_smt_step_trains():
     losses = []
     for _ in range(30):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = smt.smt_loss(model, x, y, tiny_cfg(future_len=4))
+            loss, _ = smt.smt_loss(model, x, y, tiny_cfg(future_len=4, positions="all"))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -33,7 +33,8 @@ def loss_and_norms(method, over, device="cpu", autocast=False):
     y[:, -1] = -1
     x, y = x.to(device), y.to(device)
     torch.manual_seed(2)
-    cfg = tiny_cfg(method=method, future_len=5, dec_positions=6, dmt_steps=12, coef_recall=0.1, **dict(over))
+    cfg = tiny_cfg(**{**dict(method=method, future_len=5, positions="all", dec_positions=6, dmt_steps=12,
+                             coef_recall=0.1), **dict(over)})
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         loss, _ = smt.LOSSES[method](model, x, y, cfg)
     loss.backward()
