@@ -300,9 +300,13 @@ def evaluate(model, cfg, batches, autocast):
     gen = torch.Generator().manual_seed(cfg.seed)
     probe = "whole_answer" in batches.meta  # scored at its answers only: a synthetic or a long-range text probe
     sums = {}
-    # evaluation leaves training's random stream as it was; its shapes are not training's, so the compiled parts run
+    # evaluation leaves training's random stream as it was, and draws the same random transitions and decoder windows
+    # for the teacher's losses every time (positions=N); its shapes are not training's, so the compiled parts run
     # eagerly here (big batched calls; the rollout replays CUDA graphs) rather than compiling again
-    with torch.random.fork_rng(devices=[]), torch.compiler.set_stance("force_eager"):
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            torch.compiler.set_stance("force_eager"):
+        torch.manual_seed(cfg.seed)
         for _ in range(cfg.eval_iters):
             if probe:  # at least 32 sequences a batch: small batches on long tasks would make accuracy noise
                 x, y = batches.get("val", batch_size=max(cfg.batch_size, 32), generator=gen)

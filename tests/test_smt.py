@@ -1,5 +1,7 @@
 """The losses: SMT's one-step gradient path, BPTT against a hand-written loop, TBPTT's cut, DMT, and each loss
 falling when it overfits a tiny batch."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -279,3 +281,21 @@ def test_far_targets_train_with_smt():
         return loss, stats
     overfit(recording, model, cfg, x, y, steps=100)
     assert sum(far[-10:]) / 10 < 0.6 * far[0], far[::10]  # offsets are drawn anew each step: a noisy curve
+
+
+def test_evaluations_compare_and_leave_training_randomness_alone(tmp_path, text_file):
+    """With a random subset of transitions (positions=N), every evaluation scores the teacher on the same ones, and
+    the training's random stream goes on as if no evaluation had run."""
+    import data
+    folder = data.prepare(data.DataConfig(str(text_file), str(tmp_path / "data")))
+    torch.manual_seed(0)
+    model = smt.SMTModel(256, 16, 2, 2, 1, 1, 1, 8)  # bytes
+    cfg = tiny_cfg(context_len=8, future_len=4, positions="3", dec_positions=2, eval_iters=2, batch_size=4)
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        stats = smt.evaluate(model, cfg, data.Batches(folder, 12, 4), contextlib.nullcontext())
+        runs.append((stats, torch.rand(1)))
+    assert runs[0][0] == runs[1][0] and "val_teacher_bpb" in runs[0][0]
+    torch.manual_seed(1)
+    assert torch.equal(runs[1][1], torch.rand(1))
