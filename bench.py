@@ -8,6 +8,7 @@
     python bench.py --suite=probes --tasks=retrieval  # SMT then DMT vs BPTT, same wall-clock, task lengths 64..1024
     python bench.py --suite=text         # the same on Shakespeare's bytes: held-out bits per byte against seconds
     python bench.py --suite=images       # the same on 14x14 black-and-white digits, then digits drawn and completed
+    python bench.py --suite=longrange    # the same on the long-range text probe at gaps 16 and 32: recall per kind
     python bench.py --suite=gpu          # CUDA: SMT and BPTT steps at the paper's shapes (time, tokens/s, MFU,
                                          # peak memory), one evaluation, generation graphed vs plain (< 7 min, H200)
     python bench.py --suite=scaling --device=cuda     # the timing suites on a GPU (synchronised timing)
@@ -16,7 +17,7 @@
 The first four time single training steps: random tokens (vocab 256) stand in for data, since the cost of a step
 does not depend on what the tokens are; times are wall-clock medians over --repeats steps after one warm-up step,
 every method timed in turn within each repetition (interleaved), so that a machine shared with other work slows all
-of them alike. The last three train for real with train.py, two runs at a time with one thread each (on a GPU one
+of them alike. The last four train for real with train.py, two runs at a time with one thread each (on a GPU one
 at a time), and plot the RNN's held-out score against training seconds (and tokens seen); their runs stay in --out.
 Plots need matplotlib (pip install -e ".[plot]"); without it every suite still runs and prints its numbers.
 """
@@ -41,22 +42,22 @@ import torch.nn.functional as F
 import smt
 from checkpoint import load_checkpoint, load_weights
 from config import CUDA_DEFAULTS, Config, UsageError, options_help, parse_overrides, run_cli
-from data import PROBES, Probe
+from data import PROBES, Probe, TextProbe
 
-SUITES = ("scaling", "throughput", "inference", "gradients", "probes", "text", "images", "gpu")
+SUITES = ("scaling", "throughput", "inference", "gradients", "probes", "text", "images", "longrange", "gpu")
 HERE = Path(__file__).resolve().parent
 VOCAB = 256
 
 
 @dataclass
 class BenchConfig:
-    suite: str = ""  # scaling | throughput | inference | gradients | probes | text | images | gpu
+    suite: str = ""  # scaling | throughput | inference | gradients | probes | text | images | longrange | gpu
     quick: bool = False  # small sizes: every suite in under 2 minutes on a 2-core CPU
     json: bool = False  # one JSON object per measurement instead of table lines
     out: str = "bench_out"  # where PNGs (and the reproductions' training runs) go
     lengths: str = ""  # comma-separated, overrides the suite's: scaling: sequence lengths; inference: token counts
     #                    reported; throughput: the one context length; gradients: the one unroll length T;
-    #                    probes: task lengths
+    #                    probes: task lengths; longrange: the gaps
     repeats: int = 0  # timed steps per measurement (the median is reported); 0: the suite's default
     tokens: int = 0  # scaling: tokens per batch, held fixed across lengths; 0: the suite's default
     batch_size: int = 0  # throughput: sequences per batch; 0: the suite's default
@@ -69,7 +70,7 @@ class BenchConfig:
     dataset: str = ""  # text: any text dataset of train.py (shakespeare); images: an image dataset (mnist5k)
     image_size: int = 0  # images: side of the images (train.py's --image_size); 0: the suite's (14)
     binarize: bool = False  # images: pixels as 0/1 (train.py's --binarize); the suite's default: True
-    budget: float = 0.0  # training seconds per run; 0: the suite's (probes 360, text 600, images 600; on a GPU 150)
+    budget: float = 0.0  # training seconds per run; 0: the suite's (probes 360, text, images, longrange 600; GPU 150)
     dmt_share: float = 0.2  # of the SMT lane's budget, the share spent on DMT after SMT (0: SMT alone)
     tasks: str = "retrieval,copy,stack"  # probes: which
     train_len: int = 64  # probes: SMT and DMT train once on tasks this long; their RNN is scored at every length
@@ -92,6 +93,10 @@ SUITE_DEFAULTS = dict(  # the reproductions' settings, quoted in the README; --q
                 smt_args="--context_len=180 --future_len=16 --batch_size=16 --cell=gru --decoder_depth=1",
                 bptt_args="--seq_len=196 --batch_size=16 --cell=gru --decoder_depth=1",
                 dmt_args="--batch_size=16"),
+    # longrange: batches of 8 (many steps: recall is learnt late), training gaps mixed over [1, gap] (min_gap),
+    # BPTT unrolled over gap + 32 bytes (the longest episode, gap + 23, and more: its own best unroll); scored at gap
+    longrange=dict(budget=600, eval_interval=1000, smt_args="--batch_size=8 --min_gap=1",
+                   bptt_args="--batch_size=8 --min_gap=1", dmt_args="--batch_size=8 --min_gap=1"),
 )
 QUICK = dict(budget=8, eval_interval=1000)  # one evaluation, at the end
 # The race on one GPU, in under 8 minutes all included: train.py's CUDA defaults (the paper's shapes, batch 128) for
@@ -578,6 +583,40 @@ RED, BLUE = (220, 40, 40), (40, 70, 220)
 COLORS = {"smt": BLUE, "smt+dmt": BLUE, "bptt": RED}
 
 
+def longrange(cfg, gaps):
+    """The long-range text probe at each gap: SMT then DMT against BPTT, the same seconds, side by side; the RNN alone
+    from its empty memory, scored at the answers: per answer byte, whole answers and per kind of fact."""
+    for gap in gaps:
+        logs = race(cfg, f"longrange-{gap}", ["--dataset=longrange", f"--gap={gap}", "--eval_iters=8",
+                                              f"--seq_len={gap + 32}"])  # seq_len: BPTT's unroll (SMT's is its own)
+        for method, (records, out) in logs.items():
+            last = val_scores(records[-1])
+            emit(cfg, suite="longrange", gap=gap, method=method, rnn_acc=last["rnn_acc"],
+                 rnn_whole_acc=last["rnn_whole_acc"], **answers_by_kind(out), seconds=records[-1]["elapsed"],
+                 iters=records[-1]["iter"])
+
+
+def answers_by_kind(run_dir, episodes=512):
+    """A long-range run's final RNN, from its empty memory, scored per answer byte on held-out episodes of each
+    kind: {key_acc, name_acc, bracket_acc}."""
+    ckpt = load_checkpoint(run_dir / "ckpt.pt", "the run failed")
+    run = Config(**ckpt["config"])
+    model = smt.build_model(ckpt["config"], ckpt["meta"]["vocab_size"], with_encoder=run.method != "bptt")
+    load_weights(model, ckpt["model"], run_dir / "ckpt.pt")
+    x, y = TextProbe(run, episodes).get("val", generator=torch.Generator().manual_seed(run.seed))
+    with torch.no_grad():
+        own = torch.stack([m for _, m in smt.rollout(model, model.empty(episodes), x)], dim=1)
+        logits = model.readout(own.flatten(0, 1)).view(*x.shape, -1)
+    return accuracy_by_kind(logits, x, y)
+
+
+def accuracy_by_kind(logits, x, y):
+    """Per answer byte, on the episodes of each kind (told by their first byte): {key_acc, name_acc, bracket_acc}."""
+    kinds = dict(key=x[:, 0] == ord("k"), name=x[:, 0] == ord("I"))
+    kinds["bracket"] = ~(kinds["key"] | kinds["name"])
+    return {f"{kind}_acc": smt.accuracy(logits[rows], y[rows], whole=False) for kind, rows in kinds.items()}
+
+
 @functools.cache
 def pyplot():
     """matplotlib.pyplot drawing to files, or None (said once) when matplotlib is missing."""
@@ -665,6 +704,8 @@ def main(argv):
         gpu_suite(cfg)
     elif cfg.suite == "probes":
         probes(cfg, parse_lengths(cfg, [16] if cfg.quick else [64, 256, 1024]))
+    elif cfg.suite == "longrange":
+        longrange(cfg, parse_lengths(cfg, [16, 32]))
     elif cfg.suite in ("text", "images"):
         (text if cfg.suite == "text" else images)(cfg)
     elif cfg.suite == "scaling":

@@ -170,6 +170,7 @@ class Config:
     image_size: int = 0  # mnist, mnist5k: side of the images, a divisor of 28 (0: 28); smaller: blocks averaged
     binarize: bool = False  # mnist, mnist5k: pixels as 0 or 1 (vocab 2), 1 where the pixel (after resizing) >= 128
     gap: int = 32  # longrange: bytes of filler between a fact and the place it is needed again
+    min_gap: int = 0  # longrange: training episodes draw their gap from [min_gap, gap] (0: all at gap); scored at gap
     # schedule and logging
     max_iters: int = 100000  # optimizer steps (on CPU, time_budget ends the run first)
     time_budget: float = 600.0  # stop after this many seconds of training, counting a resumed run's (0: no limit)

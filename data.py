@@ -58,6 +58,7 @@ class DataConfig:
     image_size: int = 0  # mnist, mnist5k: side of the images, a divisor of 28 (0: 28); smaller: blocks averaged
     binarize: bool = False  # mnist, mnist5k: pixels as 0 or 1 (vocab 2), 1 where the pixel (after resizing) >= 128
     gap: int = 32  # longrange: bytes of filler between a fact and the place it is needed again
+    min_gap: int = 0  # longrange: training episodes draw their gap from [min_gap, gap] (0: all at gap); scored at gap
 
 
 DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "data_dir")  # what picks the data
@@ -692,12 +693,17 @@ class TextProbe:
     The answer is the key, the name, the closing bracket: the bytes that only the fact, seen gap bytes before,
     predicts. Split 'train': episodes one after another from position 0, y = the next byte everywhere (a language
     model). Split 'val': one episode from position 0, filler after it, y = -1 except at the answer bytes, so that
-    train.py's evaluation scores the RNN at the answers only (rnn_acc per letter, rnn_whole_acc per answer)."""
+    train.py's evaluation scores the RNN at the answers only (rnn_acc per letter, rnn_whole_acc per answer).
+    With min_gap, training episodes draw their gap from [min_gap, gap]: a memory cannot tell when the fact will be
+    asked for, as in real text, so it must keep it all along (scoring stays at gap)."""
 
     def __init__(self, cfg, batch_size, seed=0, rank=0, device="cpu"):
         if cfg.gap < 1:
             raise DataError(f"--gap must be positive, not {cfg.gap}")
-        self.gap, self.batch_size, self.device = cfg.gap, batch_size, device
+        if not 0 <= cfg.min_gap <= cfg.gap:
+            raise DataError(f"--min_gap must be in [1, --gap={cfg.gap}] (or 0: every gap is --gap), not {cfg.min_gap}")
+        self.gap, self.min_gap = cfg.gap, cfg.min_gap or cfg.gap
+        self.batch_size, self.device = batch_size, device
         self.seq_len = self.longest(cfg.gap) + 1
         self.meta = dict(vocab_size=256, dtype="uint8", tokenizer="bytes", task=cfg.dataset, gap=cfg.gap,
                          whole_answer=False)
@@ -715,8 +721,14 @@ class TextProbe:
         words = [FILLER[i] for i in self.pick(n // 2 + 1, g, len(FILLER))]  # words of 2+ letters: enough of them
         return (" " + " ".join(words))[:n]
 
-    def episode(self, g):
-        """One episode: its text and where its answer starts and ends (a byte range)."""
+    def draw_gap(self, split, g):
+        """Training episodes spread over [min_gap, gap] when min_gap says so; held-out ones are always at gap."""
+        if split != "train" or self.min_gap == self.gap:
+            return self.gap
+        return self.min_gap + self.pick(1, g, self.gap - self.min_gap + 1)[0]
+
+    def episode(self, g, gap):
+        """One episode with `gap` bytes of filler: its text and where its answer starts and ends (a byte range)."""
         kind = self.pick(1, g, 3)[0]
         if kind == 0:
             key = "".join(LOWER[i] for i in self.pick(4, g, 26))
@@ -728,8 +740,8 @@ class TextProbe:
         else:
             opener = '([{<"'[self.pick(1, g, 5)[0]]
             head, cue, answer, tail = opener, " =", BRACKETS[opener], "\n"
-        start = len(head) + self.gap + len(cue)
-        return head + self.filler(self.gap, g) + cue + answer + tail, start, start + len(answer)
+        start = len(head) + gap + len(cue)
+        return head + self.filler(gap, g) + cue + answer + tail, start, start + len(answer)
 
     def get(self, split, batch_size=None, seq_len=None, generator=None):
         """train: (B, seq_len) streams of episodes, y the next bytes; val: one episode per row (seq_len is ignored),
@@ -738,9 +750,10 @@ class TextProbe:
         L = (seq_len or self.seq_len) if split == "train" else self.seq_len
         rows, ys = [], []
         for _ in range(B):
-            text, a, b = self.episode(g)
+            text, a, b = self.episode(g, self.draw_gap(split, g))
             while len(text) < L + 1:
-                text += self.episode(g)[0] if split == "train" else self.filler(L + 1 - len(text), g)
+                text += self.episode(g, self.draw_gap(split, g))[0] if split == "train" else \
+                    self.filler(L + 1 - len(text), g)
             row = torch.tensor(list(text[: L + 1].encode()))
             rows.append(row[:-1])
             if split == "train":

@@ -78,7 +78,7 @@ def restore(cfg, given):
         return dataclasses.replace(cfg, **{k: v for k, v in ckpt["config"].items() if k in fields}), ckpt
     arch = {k: ckpt["config"][k] for k in ARCH_KEYS}
     if "dataset" not in given:  # dmt refines on the SMT run's data
-        arch.update({k: ckpt["config"][k] for k in DATA_KEYS})
+        arch.update({k: ckpt["config"][k] for k in DATA_KEYS if k in ckpt["config"]})  # older runs lack newer keys
         if arch["dataset"] in PROBES:  # what load_config would have set, had it known the dataset
             arch.update({k: v for k, v in probe_defaults(arch["task_len"]).items() if k not in given and
                          k not in ARCH_KEYS})

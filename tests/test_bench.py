@@ -137,6 +137,34 @@ def drawn_colors(path):
             if (np.abs(pixels - rgb).max(axis=-1) < 8).sum() > 50}
 
 
+def test_longrange_race_scores_each_kind_of_fact(tmp_path):
+    """SMT then DMT against BPTT on the long-range probe at one gap: BPTT unrolls over gap + 32 bytes, both train
+    on mixed gaps; each lane's scores are its last evaluation's and its final RNN's per kind of fact."""
+    out = records(tmp_path, "--suite=longrange", "--lengths=8", "--budget=6", "--out=runs")
+    scores = lanes_raced(out, "longrange", "rnn_acc")
+    runs = tmp_path / "runs"
+    for method, run_dir in (("bptt", "longrange-8-bptt"), ("smt+dmt", "longrange-8-dmt")):
+        last = json.loads((runs / run_dir / "log.jsonl").read_text().splitlines()[-1])
+        assert scores[method]["rnn_acc"] == last["val_rnn_acc"] and scores[method]["gap"] == 8
+        assert all(0 <= scores[method][f"{k}_acc"] <= 1 for k in ("key", "name", "bracket"))
+    config = torch.load(runs / "longrange-8-bptt" / "ckpt.pt", weights_only=True)["config"]
+    assert (config["seq_len"], config["min_gap"], config["batch_size"]) == (40, 1, 8)
+
+
+def test_longrange_scores_each_kind_on_its_own_answers():
+    x, y = data.TextProbe(data.DataConfig(dataset="longrange", gap=8), 300).get("val")
+    text = [bytes(row).decode() for row in x.tolist()]
+    keys = torch.tensor([t.startswith("key=") for t in text])
+    names = torch.tensor([t.startswith("I am ") for t in text])
+    right = torch.where(keys[:, None], y.clamp(min=0), (y.clamp(min=0) + 1) % 256)  # right on key episodes only
+    logits = torch.nn.functional.one_hot(right, 256).float()
+    assert bench.accuracy_by_kind(logits, x, y) == dict(key_acc=1.0, name_acc=0.0, bracket_acc=0.0)
+    half = names[:, None] & (torch.arange(x.size(1)) % 2 == 0)  # names: right on even positions only
+    logits = torch.nn.functional.one_hot(torch.where(half, y.clamp(min=0), (y.clamp(min=0) + 1) % 256), 256).float()
+    scores = bench.accuracy_by_kind(logits, x, y)
+    assert 0.3 < scores["name_acc"] < 0.7 and scores["key_acc"] == scores["bracket_acc"] == 0.0
+
+
 def test_without_matplotlib_the_suites_still_run(tmp_path):
     """A matplotlib that cannot be imported (first on the path): one line says so, the numbers still come."""
     (tmp_path / "fake" / "matplotlib").mkdir(parents=True)

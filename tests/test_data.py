@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import io
 import json
+import re
 import struct
 import sys
 import threading
@@ -539,6 +540,22 @@ def test_longrange_trains_on_every_next_byte():
     assert all(bytes(r).decode().startswith(("key=", "I am ", *'([{<"')) for r in x.tolist())  # an episode at 0
     assert torch.equal(x, data.TextProbe(data.DataConfig(dataset="longrange", gap=20), 8, seed=0).get(
         "train", seq_len=100)[0])
+
+
+def test_longrange_min_gap_mixes_training_gaps_and_scores_at_gap():
+    """With min_gap the training episodes' gaps spread over [min_gap, gap] (each recalled across its own gap);
+    held-out episodes stay at gap; without it the stream is what it was."""
+    def gaps(text):  # the gap of every whole key episode in a row: bytes from 'key=abcd;' to ' key?'
+        return [len(m.group(2)) for m in re.finditer(r"key=([a-z]{4});([^?]*?) key\?\1", text)]
+    mixed = data.TextProbe(data.DataConfig(dataset="longrange", gap=20, min_gap=3), 64, seed=1)
+    seen = [g for row in mixed.get("train", seq_len=400)[0].tolist() for g in gaps(bytes(row).decode())]
+    assert min(seen) == 3 and max(seen) == 20 and len(set(seen)) == 18
+    x, y = mixed.get("val")
+    assert x.shape == (64, 20 + 24) and all(g == 20 for row in x.tolist() for g in gaps(bytes(row).decode()))
+    fixed = data.TextProbe(data.DataConfig(dataset="longrange", gap=20), 64, seed=1).get("train", seq_len=400)[0]
+    assert all(g == 20 for row in fixed.tolist() for g in gaps(bytes(row).decode()))
+    with pytest.raises(data.DataError, match="--min_gap must be in"):
+        data.TextProbe(data.DataConfig(dataset="longrange", gap=20, min_gap=21), 8)
 
 
 def test_train_on_longrange_reports_answer_accuracy(tmp_path):
