@@ -18,7 +18,8 @@ The first four time single training steps: random tokens (vocab 256) stand in fo
 does not depend on what the tokens are; times are wall-clock medians over --repeats steps after one warm-up step,
 every method timed in turn within each repetition (interleaved), so that a machine shared with other work slows all
 of them alike. The last four train for real with train.py, two runs at a time with one thread each (on a GPU one
-at a time), and plot the RNN's held-out score against training seconds (and tokens seen); their runs stay in --out.
+at a time), and report the RNN's held-out scores (probes, text and images also plot them against training seconds
+and tokens seen); their runs stay in --out.
 Plots need matplotlib (pip install -e ".[plot]"); without it every suite still runs and prints its numbers.
 """
 import dataclasses
