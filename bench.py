@@ -524,12 +524,19 @@ def probes(cfg, lengths):
 def score_at_length(run_dir, L):
     """A probe run's final RNN (and teacher, if any) scored as train.py evaluates it, on held-out tasks of another
     length L: rnn_acc, rnn_target_bits (and teacher_acc)."""
-    ckpt = load_checkpoint(run_dir / "ckpt.pt", "the run failed")
-    run = dataclasses.replace(Config(**ckpt["config"]), task_len=L)
-    model = smt.build_model(ckpt["config"], ckpt["meta"]["vocab_size"], with_encoder=run.method != "bptt")
-    load_weights(model, ckpt["model"], run_dir / "ckpt.pt")
+    run, model = load_run(run_dir)
+    run = dataclasses.replace(run, task_len=L)
     stats = smt.evaluate(model, run, Probe(run, run.batch_size, run.seed), torch.autocast("cpu", enabled=False))
     return val_scores(stats)
+
+
+def load_run(run_dir):
+    """A finished run's settings (a Config) and its model, teacher included unless it trained BPTT."""
+    ckpt = load_checkpoint(run_dir / "ckpt.pt", "the run failed")
+    run = Config(**ckpt["config"])
+    model = smt.build_model(ckpt["config"], ckpt["meta"]["vocab_size"], with_encoder=run.method != "bptt")
+    load_weights(model, ckpt["model"], run_dir / "ckpt.pt")
+    return run, model
 
 
 def text(cfg):
@@ -600,15 +607,10 @@ def longrange(cfg, gaps):
 def answers_by_kind(run_dir, episodes=512):
     """A long-range run's final RNN, from its empty memory, scored per answer byte on held-out episodes of each
     kind: {key_acc, name_acc, bracket_acc}."""
-    ckpt = load_checkpoint(run_dir / "ckpt.pt", "the run failed")
-    run = Config(**ckpt["config"])
-    model = smt.build_model(ckpt["config"], ckpt["meta"]["vocab_size"], with_encoder=run.method != "bptt")
-    load_weights(model, ckpt["model"], run_dir / "ckpt.pt")
+    run, model = load_run(run_dir)
     x, y = TextProbe(run, episodes).get("val", generator=torch.Generator().manual_seed(run.seed))
     with torch.no_grad():
-        own = torch.stack([m for _, m in smt.rollout(model, model.empty(episodes), x)], dim=1)
-        logits = model.readout(own.flatten(0, 1)).view(*x.shape, -1)
-    return accuracy_by_kind(logits, x, y)
+        return accuracy_by_kind(smt.rnn_logits(model, x), x, y)
 
 
 def accuracy_by_kind(logits, x, y):

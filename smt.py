@@ -352,8 +352,7 @@ def evaluate_probe(model, x, y, whole, whole_too=False):
     right); rnn_target_bits, its loss per target; and, with a teacher, teacher_acc from the teacher's memories.
     whole_too adds rnn_whole_acc, the share of sequences with every target right, to a per-target rnn_acc."""
     B, L = x.shape
-    own = torch.stack([m for _, m in rollout(model, model.empty(B), x)], dim=1)
-    logits = model.readout(own.flatten(0, 1)).view(B, L, -1)
+    logits = rnn_logits(model, x)
     ce = cross_entropy(logits, y).view(B, L)
     out = dict(rnn_acc=accuracy(logits, y, whole), rnn_target_bits=mean_bits(ce, y).item())
     if whole_too:
@@ -362,6 +361,12 @@ def evaluate_probe(model, x, y, whole, whole_too=False):
         mem = model.memories(x, torch.arange(L, device=x.device))
         out["teacher_acc"] = accuracy(model.readout(mem.flatten(0, 1)).view(B, L, -1), y, whole)
     return out
+
+
+def rnn_logits(model, x):
+    """The RNN's readout logits (B, L, vocab) at every step of reading x (B, L) from m_empty."""
+    own = torch.stack([m for _, m in rollout(model, model.empty(x.size(0)), x)], dim=1)
+    return model.readout(own.flatten(0, 1)).view(*x.shape, -1)
 
 
 def accuracy(logits, y, whole):
