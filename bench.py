@@ -533,7 +533,8 @@ def score_at_length(run_dir, L):
 def load_run(run_dir):
     """A finished run's settings (a Config) and its model, teacher included unless it trained BPTT."""
     ckpt = load_checkpoint(run_dir / "ckpt.pt", "the run failed")
-    run = Config(**ckpt["config"])
+    known = {f.name for f in dataclasses.fields(Config)}
+    run = Config(**{k: v for k, v in ckpt["config"].items() if k in known})  # a fork's extra keys do not matter here
     model = smt.build_model(ckpt["config"], ckpt["meta"]["vocab_size"], with_encoder=run.method != "bptt")
     load_weights(model, ckpt["model"], run_dir / "ckpt.pt")
     return run, model

@@ -56,7 +56,8 @@ def lr_at(cfg, it, elapsed):
 
 def restore(cfg, given):
     """For resume: the checkpoint and the run's config, with what the command line gives on top (the architecture
-    cannot change). For dmt: the SMT run's checkpoint, with its architecture and dataset."""
+    cannot change). For dmt: the SMT run's checkpoint, with its architecture and data settings (bar those the
+    command line gives)."""
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", f"nothing to resume in --out_dir={cfg.out_dir}",
                                keys=("config", "model", "meta", "optimizer", "iter", "elapsed", "rng"))
@@ -77,11 +78,12 @@ def restore(cfg, given):
         fields = {f.name for f in dataclasses.fields(Config)} - given - {"init_from", "out_dir", "overwrite"}
         return dataclasses.replace(cfg, **{k: v for k, v in ckpt["config"].items() if k in fields}), ckpt
     arch = {k: ckpt["config"][k] for k in ARCH_KEYS}
-    if "dataset" not in given:  # dmt refines on the SMT run's data
-        arch.update({k: ckpt["config"][k] for k in DATA_KEYS if k in ckpt["config"]})  # older runs lack newer keys
-        if arch["dataset"] in PROBES:  # what load_config would have set, had it known the dataset
-            arch.update({k: v for k, v in probe_defaults(arch["task_len"]).items() if k not in given and
-                         k not in ARCH_KEYS})
+    if "dataset" not in given or cfg.dataset == ckpt["config"]["dataset"]:  # dmt refines on the SMT run's data,
+        arch.update({k: ckpt["config"][k] for k in DATA_KEYS  # bar what the command line changes (older runs lack
+                     if k in ckpt["config"] and k not in given})  # newer keys)
+    if "dataset" not in given and arch["dataset"] in PROBES:  # what load_config would have set, had it known
+        task_len = arch.get("task_len", cfg.task_len)
+        arch.update({k: v for k, v in probe_defaults(task_len).items() if k not in given and k not in ARCH_KEYS})
     return dataclasses.replace(cfg, **arch), ckpt
 
 

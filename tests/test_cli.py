@@ -76,6 +76,22 @@ def test_dmt_after_smt_and_resume(tmp_path, text_file):
     assert [e["iter"] for e in evals(smt_out)] == [20, 30]
 
 
+def test_dmt_refines_on_the_smt_runs_data_bar_what_the_command_line_changes(tmp_path):
+    """Naming the SMT run's dataset again does not reset its data settings (a long-range run's gaps) to the
+    defaults; a data setting given on the command line wins."""
+    smt_out = tmp_path / "smt"
+    tiny = [a for a in TINY if not a.startswith(("--context_len", "--seq_len"))] + ["--max_iters=1"]
+    result = run("train.py", "--dataset=longrange", "--gap=6", "--min_gap=2", f"--out_dir={smt_out}", *tiny,
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for out, args, gaps in (("dmt", [], (6, 2)), ("dmt-min3", ["--min_gap=3"], (6, 3))):
+        result = run("train.py", "--method=dmt", "--dataset=longrange", f"--init_from={smt_out}",
+                     f"--out_dir={tmp_path / out}", *tiny, *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        config = torch.load(tmp_path / out / "ckpt.pt", weights_only=True)["config"]
+        assert (config["gap"], config["min_gap"]) == gaps
+
+
 @pytest.mark.parametrize("args, message", [
     (["--no_such_key=1"], "unknown option --no_such_key; --help lists the options"),
     (["--max_iter=1"], "unknown option --max_iter; did you mean --max_iters"),
