@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import smt
 from checkpoint import load_checkpoint, load_weights
-from config import CUDA_DEFAULTS, Config, UsageError, options_help, parse_overrides, run_cli
+from config import CUDA_DEFAULTS, Config, UsageError, known_settings, options_help, parse_overrides, run_cli
 from data import PROBES, Probe, TextProbe
 
 SUITES = ("scaling", "throughput", "inference", "gradients", "probes", "text", "images", "longrange", "gpu")
@@ -533,8 +533,7 @@ def score_at_length(run_dir, L):
 def load_run(run_dir):
     """A finished run's settings (a Config) and its model, teacher included unless it trained BPTT."""
     ckpt = load_checkpoint(run_dir / "ckpt.pt", "the run failed")
-    known = {f.name for f in dataclasses.fields(Config)}
-    run = Config(**{k: v for k, v in ckpt["config"].items() if k in known})  # a fork's extra keys do not matter here
+    run = Config(**known_settings(ckpt["config"]))
     model = smt.build_model(ckpt["config"], ckpt["meta"]["vocab_size"], with_encoder=run.method != "bptt")
     load_weights(model, ckpt["model"], run_dir / "ckpt.pt")
     return run, model

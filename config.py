@@ -248,6 +248,13 @@ ARCH_KEYS = ("d_model", "n_heads", "mem_tokens", "encoder_depth", "decoder_depth
 METHODS = ("smt", "bptt", "tbptt", "dmt")
 
 
+def known_settings(saved):
+    """Of a checkpoint's plain config, the settings this Config has (a fork's or a newer version's extra keys
+    dropped; keys it lacks keep their defaults where the caller builds a Config)."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return {k: v for k, v in saved.items() if k in fields}
+
+
 def probe_defaults(task_len):
     """On a probe a training sequence is one whole task, which the teacher sees and predicts entirely. The rest is
     what let the RNN alone solve retrieval on a CPU (docs/results.md): 4 decoder windows a sequence (each costs

@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 import smt
 from checkpoint import RUN_FILES, load_checkpoint, load_weights, save_run
-from config import ARCH_KEYS, Config, UsageError, check_config, config_help, load_config, probe_defaults, run_cli
+from config import (ARCH_KEYS, UsageError, check_config, config_help, known_settings, load_config, probe_defaults,
+                    run_cli)
 from data import DATA_KEYS, PROBES, TEXT_PROBES, Batches, Probe, TextProbe, prepare
 
 
@@ -75,8 +76,9 @@ def restore(cfg, given):
             raise UsageError(f"--{key}={getattr(cfg, key)} differs from the checkpoint's {ckpt['config'][key]}; "
                              f"the architecture of a run cannot change")
     if cfg.init_from == "resume":  # the same run goes on: its settings, bar what the command line changes
-        fields = {f.name for f in dataclasses.fields(Config)} - given - {"init_from", "out_dir", "overwrite"}
-        return dataclasses.replace(cfg, **{k: v for k, v in ckpt["config"].items() if k in fields}), ckpt
+        kept = {k: v for k, v in known_settings(ckpt["config"]).items()
+                if k not in given | {"init_from", "out_dir", "overwrite"}}
+        return dataclasses.replace(cfg, **kept), ckpt
     arch = {k: ckpt["config"][k] for k in ARCH_KEYS}
     if "dataset" not in given or cfg.dataset == ckpt["config"]["dataset"]:  # dmt refines on the SMT run's data,
         arch.update({k: ckpt["config"][k] for k in DATA_KEYS  # bar what the command line changes (older runs lack

@@ -110,13 +110,13 @@ def test_probes_race_smt_then_dmt_against_bptt(tmp_path):
     assert dmt[0]["iter"] == 0 and dmt[-1]["iter"] > 0  # DMT went on from the SMT run's RNN
     smt_last = json.loads((runs / "retrieval-16-smt" / "log.jsonl").read_text().splitlines()[-1])
     assert scores["smt+dmt", 24]["seconds"] == pytest.approx(smt_last["elapsed"] + dmt[-1]["elapsed"], abs=0.01)
+    assert scores["smt+dmt", 24]["iters"] == smt_last["iter"] + dmt[-1]["iter"]
+    assert png_size(runs / "probe-retrieval.png") == (720, 420)
     ckpt = torch.load(runs / "retrieval-16-dmt" / "ckpt.pt", weights_only=True)
     ckpt["config"]["knob_of_a_fork"] = 1  # a run saved by a fork with settings of its own is still scored
     (runs / "fork").mkdir()
     torch.save(ckpt, runs / "fork" / "ckpt.pt")
     assert bench.score_at_length(runs / "fork", 16) == bench.score_at_length(runs / "retrieval-16-dmt", 16)
-    assert scores["smt+dmt", 24]["iters"] == smt_last["iter"] + dmt[-1]["iter"]
-    assert png_size(runs / "probe-retrieval.png") == (720, 420)
 
 
 def test_text_race(tmp_path, text_file):
