@@ -213,8 +213,12 @@ class Config:
     gamma: float = 1.0  # discount of the decoder loss k steps ahead
     far_targets: int = 0  # far-future targets per memory: y_{t+r} from m_t at r in (future_len, far_horizon]; 0: off
     far_horizon: int = 64  # farthest offset r; SMT windows grow to context_len + far_horizon to hold the targets
-    far_positions: int = 32  # memories per sequence that get those targets (each costs far_targets decoder tokens)
+    far_positions: int = 32  # memories per sequence that get far (and past) targets; each target costs a decoder token
     coef_far: float = 1.0  # weight of that far-future loss
+    past_targets: int = 0  # past targets per memory: the s-th last byte read, y_{t-s} = x_{t-s+1}, from m_t at s in
+    #                        [1, past_horizon]; 0: off. Makes memories carry what they read (docs/long-range.md)
+    past_horizon: int = 32  # farthest s
+    coef_past: float = 1.0  # weight of that past loss
     coef_recall: float = 0.0  # each memory names its last input (keeps memories Markov; see smt.recall_loss)
     dyn_weighting: str = "uniform"  # uniform | change: transitions weighted by how far the teacher memory moves
     memory_noise: float = 0.0  # std of Gaussian noise on the teacher memory the RNN steps from (robustness to drift)
@@ -308,12 +312,12 @@ def check_config(cfg):
     one_of("act_ckpt", ("none", "cell", "all"))
     for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum", "d_model",
                 "n_heads", "mem_tokens", "context_len", "future_len", "seq_len", "dec_positions", "far_positions",
-                "bptt_window", "dmt_every", "max_bad_steps"):
+                "past_horizon", "bptt_window", "dmt_every", "max_bad_steps"):
         if getattr(cfg, key) <= 0:
             raise UsageError(f"--{key} must be positive, not {getattr(cfg, key)}")
     for key in ("encoder_depth", "decoder_depth", "rnn_depth", "warmup_iters", "lr", "weight_decay", "grad_clip",
                 "time_budget", "eval_seconds", "coef_dec", "coef_dyn", "coef_unif", "coef_recall",
-                "gamma", "peak_flops", "far_targets", "coef_far"):
+                "gamma", "peak_flops", "far_targets", "coef_far", "past_targets", "coef_past"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
@@ -326,6 +330,9 @@ def check_config(cfg):
     if cfg.far_targets and cfg.far_targets > cfg.far_horizon - cfg.future_len:
         raise UsageError(f"--far_targets={cfg.far_targets} offsets do not fit in (future_len, far_horizon] = "
                          f"({cfg.future_len}, {cfg.far_horizon}]: raise --far_horizon or lower --far_targets")
+    if cfg.past_targets > cfg.past_horizon:
+        raise UsageError(f"--past_targets={cfg.past_targets} offsets do not fit in [1, past_horizon] = "
+                         f"[1, {cfg.past_horizon}]: raise --past_horizon or lower --past_targets")
     if cfg.dmt_steps < 2:
         raise UsageError(f"--dmt_steps must be at least 2, not {cfg.dmt_steps}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

@@ -207,7 +207,7 @@ class Decoder(nn.Module):
         return self.head(out[:, K - 1:])
 
     def far(self, m, offsets):
-        """Predictions of y_{t+r} from m_t alone, for each offset r in offsets (R,), no token in between read:
+        """Predictions of y_{t+r} from m_t alone, for each offset r in offsets (R,; r < 0: a byte already read):
         m (N, K, d) -> logits (N, R, vocab). Each query is a copy of the last memory token placed where y_{t+r}
         would be read off in forward (position K - 1 + r), so rotary positions tell the decoder the distance; the
         queries carry nothing of the future, so they may see one another."""

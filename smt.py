@@ -192,8 +192,9 @@ def smt_loss(model, x, y, cfg):
 
     Memories come from the teacher encoder for t and t+1; the RNN makes exactly one step from the teacher's m_t, so
     no gradient crosses more than one RNN step. cfg.detach_target stops L_dyn from shaping the encoder's targets.
-    With cfg.coef_recall, + coef_recall L_recall (recall_loss on every target memory; not in the paper); with
-    cfg.far_targets, + coef_far L_far (far_loss on far_positions of the memories; not in the paper)."""
+    With cfg.coef_recall, + coef_recall L_recall (recall_loss on every target memory); with cfg.far_targets or
+    cfg.past_targets, + coef_far L_far and coef_past L_past (offset_loss on far_positions of the memories); none of
+    the three is in the paper."""
     B, L = x.shape
     t = positions_for(cfg, L, x.device)  # (P,)
     P = t.numel()
@@ -214,11 +215,13 @@ def smt_loss(model, x, y, cfg):
     unif = uniformity(mem)
     loss = cfg.coef_dec * dec + cfg.coef_dyn * dyn + cfg.coef_unif * unif
     stats = dict(dec=dec.item(), dyn=dyn.item(), unif=unif.item(), teacher_bpb=first.item() / LN2)
-    if cfg.far_targets:
-        f = torch.randperm(P, device=x.device)[: min(P, cfg.far_positions)]
-        far = far_loss(model, m_now[:, f], y, t[f], far_offsets(cfg, x.device))
-        loss = loss + cfg.coef_far * far
-        stats["far"] = far.item()
+    for name, count, offsets, coef in (("far", cfg.far_targets, far_offsets, cfg.coef_far),
+                                       ("past", cfg.past_targets, past_offsets, cfg.coef_past)):
+        if count:
+            f = torch.randperm(P, device=x.device)[: min(P, cfg.far_positions)]
+            part = offset_loss(model, m_now[:, f], y, t[f], offsets(cfg, x.device))
+            loss = loss + coef * part
+            stats[name] = part.item()
     if cfg.coef_recall:
         recall = recall_loss(model, m_next, x[:, t + 1])
         loss = loss + cfg.coef_recall * recall
@@ -232,15 +235,24 @@ def far_offsets(cfg, device):
     return cfg.future_len + 1 + torch.randperm(span, device=device)[: cfg.far_targets]
 
 
-def far_loss(model, m, y, pos, offsets):
-    """L_far: CE of predicting y_{t+r} from the memory m_t alone (Decoder.far), m (B, P, K, d) at positions pos
-    (P,), for each offset r (R,); targets past the sequence end are skipped. The decoder predicts only future_len
-    tokens, so without this a memory need not keep what is needed later than that (a name said again 60 bytes on),
-    and then the memories in between do not hold it and no RNN step can carry it. Full-length decoding would cost
-    the whole horizon per memory; here each memory costs R query tokens."""
+def past_offsets(cfg, device):
+    """past_targets distinct offsets r = -s, s in [1, past_horizon], drawn anew each batch: y_{t-1} is x_t, the
+    byte m_t read last."""
+    return -1 - torch.randperm(cfg.past_horizon, device=device)[: cfg.past_targets]
+
+
+def offset_loss(model, m, y, pos, offsets):
+    """CE of predicting y_{t+r} from the memory m_t alone (Decoder.far), m (B, P, K, d) at positions pos (P,), for
+    each offset r (R,); targets outside the sequence are skipped. Each memory costs R decoder query tokens.
+
+    Far targets (r > future_len): the decoder predicts only future_len tokens, so without them a memory need not keep
+    what is needed later than that (a name said again 60 bytes on). Past targets (r < 0): a memory must name the
+    bytes it read up to past_horizon back, so it carries them; the teacher would otherwise drop a fact as soon as
+    it is read and look it up again by attention where it is needed, and then the memories in between do not hold
+    it and no RNN step can carry it."""
     L = y.size(1)
     idx = pos[:, None] + offsets[None]  # (P, R)
-    tgt = y[:, idx.clamp(max=L - 1)].masked_fill((idx >= L)[None], -1)
+    tgt = y[:, idx.clamp(0, L - 1)].masked_fill(((idx < 0) | (idx >= L))[None], -1)
     ce = cross_entropy(model.decoder.far(m.flatten(0, 1), offsets), tgt)  # (B * P * R,)
     return mean_bits(ce, tgt.reshape(-1)) * LN2
 

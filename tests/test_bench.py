@@ -143,8 +143,9 @@ def drawn_colors(path):
 
 
 def test_longrange_race_scores_each_kind_of_fact(tmp_path):
-    """SMT then DMT against BPTT on the long-range probe at one gap: BPTT unrolls over gap + 32 bytes, both train
-    on mixed gaps; each lane's scores are its last evaluation's and its final RNN's per kind of fact."""
+    """SMT then DMT against BPTT on the long-range probe at one gap: BPTT unrolls over gap + 32 bytes, SMT's past
+    targets reach gap + 16 bytes back, both train on mixed gaps; each lane's scores are its last evaluation's and its
+    final RNN's per kind of fact."""
     out = records(tmp_path, "--suite=longrange", "--lengths=8", "--budget=6", "--out=runs")
     scores = lanes_raced(out, "longrange", "rnn_acc")
     runs = tmp_path / "runs"
@@ -154,6 +155,8 @@ def test_longrange_race_scores_each_kind_of_fact(tmp_path):
         assert all(0 <= scores[method][f"{k}_acc"] <= 1 for k in ("key", "name", "bracket"))
     config = torch.load(runs / "longrange-8-bptt" / "ckpt.pt", weights_only=True)["config"]
     assert (config["seq_len"], config["min_gap"], config["batch_size"]) == (40, 1, 8)
+    config = torch.load(runs / "longrange-8-smt" / "ckpt.pt", weights_only=True)["config"]
+    assert (config["past_targets"], config["past_horizon"], config["min_gap"]) == (16, 24, 1)
 
 
 def test_longrange_scores_each_kind_on_its_own_answers():

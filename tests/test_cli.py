@@ -107,6 +107,7 @@ def test_dmt_refines_on_the_smt_runs_data_bar_what_the_command_line_changes(tmp_
     (["--d_model=30", "--n_heads=4"], "must divide --d_model"),
     (["--cell=lstm", "--mem_tokens=3"], "--mem_tokens must be even"),
     (["--positions=some"], "--positions must be 'all' or a positive number"),
+    (["--past_targets=9", "--past_horizon=8"], "raise --past_horizon or lower --past_targets"),
     (["--init_from=resume"], "nothing to resume"),
     (["--method=dmt"], "--init_from=<its out_dir>"),
 ])

@@ -250,8 +250,8 @@ def test_far_targets_line_up_and_do_not_reach_the_memory():
     by_hand = [F.cross_entropy(logits.view(2, 3, 2, 32)[b, p, i], y[b, pos[p] + r])
                for b in range(2) for p in range(3) for i, r in enumerate(offsets.tolist()) if pos[p] + r < 20]
     assert len(by_hand) == 2 * 5  # t = 9, r = 11 would reach 20, past the end: skipped
-    assert torch.allclose(smt.far_loss(model, m, y, pos, offsets), torch.stack(by_hand).mean(), atol=1e-5)
-    assert torch.isclose(smt.far_loss(model, m, y, pos, torch.tensor([12])),  # 9 + 12 >= 20: skipped
+    assert torch.allclose(smt.offset_loss(model, m, y, pos, offsets), torch.stack(by_hand).mean(), atol=1e-5)
+    assert torch.isclose(smt.offset_loss(model, m, y, pos, torch.tensor([12])),  # 9 + 12 >= 20: skipped
                          torch.stack([F.cross_entropy(model.decoder.far(m[:, p], torch.tensor([12]))[:, 0],
                                                       y[:, pos[p] + 12]) for p in (0, 1)]).mean(), atol=1e-5)
     later = x.clone()
@@ -281,6 +281,38 @@ def test_far_targets_train_with_smt():
         return loss, stats
     overfit(recording, model, cfg, x, y, steps=100)
     assert sum(far[-10:]) / 10 < 0.6 * far[0], far[::10]  # offsets are drawn anew each step: a noisy curve
+
+
+def test_past_targets_name_what_the_memory_read():
+    """A past offset r = -s scores y_{t-s} = x_{t-s+1} from m_t (r = -1: x_t, the byte m_t read last), skips targets
+    before the sequence start; past offsets stay in [-past_horizon, -1]; with past_targets smt_loss adds L_past, and
+    on a tiny batch the memories learn to name what they read."""
+    model = tiny_model()
+    x = torch.randint(0, 32, (2, 20))
+    y = torch.roll(x, -1, dims=1)
+    pos, offsets = torch.tensor([-1, 4, 9]), torch.tensor([-1, -6])
+    m = model.memories(x, pos)
+    logits = model.decoder.far(m.flatten(0, 1), offsets).view(2, 3, 2, 32)
+    by_hand = [F.cross_entropy(logits[b, p, i], x[b, pos[p] + r + 1])
+               for b in range(2) for p in range(3) for i, r in enumerate(offsets.tolist()) if pos[p] + r >= 0]
+    assert len(by_hand) == 2 * 3  # m_empty names nothing; m_4 read only 5 bytes, so not the 6th last
+    assert torch.allclose(smt.offset_loss(model, m, y, pos, offsets), torch.stack(by_hand).mean(), atol=1e-5)
+
+    cfg = tiny_cfg(future_len=4, past_targets=3, past_horizon=5, far_positions=6)
+    offsets = torch.stack([smt.past_offsets(cfg, "cpu") for _ in range(50)])
+    assert offsets.min() == -5 and offsets.max() == -1 and all(len(set(o)) == 3 for o in offsets.tolist())
+    torch.manual_seed(0)
+    model = tiny_model()
+    x = torch.randint(0, 32, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    past = []
+
+    def recording(*args):
+        loss, stats = smt.smt_loss(*args)
+        past.append(stats["past"])
+        return loss, stats
+    overfit(recording, model, cfg, x, y, steps=100)
+    assert sum(past[-10:]) / 10 < 0.6 * past[0], past[::10]
 
 
 def test_evaluations_compare_and_leave_training_randomness_alone(tmp_path, text_file):
