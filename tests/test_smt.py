@@ -261,26 +261,30 @@ def test_far_targets_line_up_and_do_not_reach_the_memory():
     assert not torch.allclose(logits[:, 0], logits[:, 1])  # the distance reaches the prediction
 
 
+def smt_stat_while_overfitting(cfg, key, steps=100):
+    """One of smt_loss's stats at each of `steps` steps of overfitting a tiny model to one batch of 4 x 16 tokens."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    x = torch.randint(0, 32, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    values = []
+
+    def recording(*args):
+        loss, stats = smt.smt_loss(*args)
+        values.append(stats[key])
+        return loss, stats
+    overfit(recording, model, cfg, x, y, steps=steps)
+    return values
+
+
 def test_far_targets_train_with_smt():
     """With far_targets, smt_loss adds L_far; on a tiny batch it falls, and far offsets stay in
     (future_len, far_horizon]."""
     cfg = tiny_cfg(future_len=4, far_targets=3, far_horizon=8, far_positions=6)
     offsets = torch.stack([smt.far_offsets(cfg, "cpu") for _ in range(50)])
     assert offsets.min() == 5 and offsets.max() == 8 and all(len(set(o)) == 3 for o in offsets.tolist())
-    torch.manual_seed(0)
-    model = tiny_model()
-    x = torch.randint(0, 32, (4, 16))
-    y = torch.roll(x, -1, dims=1)
-    _, stats = smt.smt_loss(model, x, y, cfg)
-    assert stats["far"] > 0
-    far = []
-
-    def recording(*args):
-        loss, stats = smt.smt_loss(*args)
-        far.append(stats["far"])
-        return loss, stats
-    overfit(recording, model, cfg, x, y, steps=100)
-    assert sum(far[-10:]) / 10 < 0.6 * far[0], far[::10]  # offsets are drawn anew each step: a noisy curve
+    far = smt_stat_while_overfitting(cfg, "far")
+    assert far[0] > 0 and sum(far[-10:]) / 10 < 0.6 * far[0], far[::10]  # offsets are drawn anew each step: noisy
 
 
 def test_past_targets_name_what_the_memory_read():
@@ -301,17 +305,7 @@ def test_past_targets_name_what_the_memory_read():
     cfg = tiny_cfg(future_len=4, past_targets=3, past_horizon=5, far_positions=6)
     offsets = torch.stack([smt.past_offsets(cfg, "cpu") for _ in range(50)])
     assert offsets.min() == -5 and offsets.max() == -1 and all(len(set(o)) == 3 for o in offsets.tolist())
-    torch.manual_seed(0)
-    model = tiny_model()
-    x = torch.randint(0, 32, (4, 16))
-    y = torch.roll(x, -1, dims=1)
-    past = []
-
-    def recording(*args):
-        loss, stats = smt.smt_loss(*args)
-        past.append(stats["past"])
-        return loss, stats
-    overfit(recording, model, cfg, x, y, steps=100)
+    past = smt_stat_while_overfitting(cfg, "past")
     assert sum(past[-10:]) / 10 < 0.6 * past[0], past[::10]
 
 
