@@ -67,6 +67,7 @@ class BenchConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N: where the suites run (gpu: cuda unless --quick --device=cpu, its tiny
     #                      CPU rehearsal; text, images: on cpu the two lanes run side by side, on cuda in turn)
     act_ckpt: str = "none"  # gpu: activation checkpointing of the steps (train.py's --act_ckpt)
+    compile: bool = True  # gpu: torch.compile each part for its shape, as train.py does (False: eager, to compare)
     # reproductions (probes, text, images): training runs of train.py, two at a time, one thread each
     dataset: str = ""  # text: any text dataset of train.py (shakespeare); images: an image dataset (mnist5k)
     image_size: int = 0  # images: side of the images (train.py's --image_size); 0: the suite's (14)
@@ -325,44 +326,66 @@ QUICK_GPU = dict(d_model=16, n_heads=2, mem_tokens=2, encoder_depth=1, decoder_d
 
 
 def gpu_suite(cfg):
-    """For SMT and BPTT at each (L, batch) of GPU_SHAPES, each part compiled once for its shape (dynamic=False), as in
-    train.py: step_s (median of --repeats after a first step, whose time, compiling included, is first_step_s),
-    tokens_per_s, tflops_per_s and mfu (FLOPs by FlopCounterMode on the eager model against the device's bf16 peak;
-    None if unknown),
-    peak_mem_gib (torch.cuda.max_memory_allocated during the steps). Then one evaluate_rnn as train.py runs it
-    (batch 128 reading 512 tokens, then 256 from the teacher's priming), first and second call; and greedy generation
-    from m_empty at batch 1 and 128, CUDA graphs against plain eager steps."""
+    """First the sequential parts, which need no compiling: one evaluate_rnn as train.py runs it (batch 128 reading
+    512 tokens, then 256 from the teacher's priming), first and second call; greedy generation from m_empty at batch
+    1 and 128, CUDA graphs against plain eager steps. Then for SMT and BPTT at each (L, batch) of GPU_SHAPES, each
+    part compiled once for its shape (dynamic=False) as in train.py (--compile=False: eager): step_s (median of
+    --repeats after a first step, whose time, compiling included, is first_step_s), tokens_per_s, tflops_per_s and
+    mfu (FLOPs by FlopCounterMode on the eager model against the device's bf16 peak; None if unknown), peak_mem_gib
+    (torch.cuda.max_memory_allocated during the steps). A measurement that fails prints its error and the suite goes
+    on (GPU time is scarce); it then ends with an error line."""
     device = torch.device(cfg.device)
-    repeats = cfg.repeats or (1 if cfg.quick else 3)
-    shapes = ((16, 2), (32, 1)) if cfg.quick else GPU_SHAPES
     bf16 = device.type == "cuda"  # the CPU rehearsal runs float32
     base = dataclasses.replace(Config(), **{**CUDA_DEFAULTS, **(QUICK_GPU if cfg.quick else {})},
                                dtype="bfloat16" if bf16 else "float32", act_ckpt=cfg.act_ckpt)
-    peak = smt.peak_flops(base.peak_flops, device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    for L, batch in shapes:
+    model = build(base, with_encoder=True).to(device)
+    failed = [name for name, measure in (
+        ("evaluate_rnn", lambda: gpu_evaluation(cfg, model, base, gen, device)),
+        ("generate", lambda: gpu_generation(cfg, model, (1, 2) if cfg.quick else (1, 128),
+                                            16 if cfg.quick else 512, device, bf16)))
+        if not measured(cfg, name, measure)]
+    del model
+    for L, batch in ((16, 2), (32, 1)) if cfg.quick else GPU_SHAPES:
         for method in ("smt", "bptt"):
             run = dataclasses.replace(base, method=method, batch_size=batch, seq_len=L)
-            trainer = Trainer(run, device)
-            flops = smt.step_flops(trainer.model, trainer.loss_fn, run, VOCAB, L, device, trainer.autocast) * batch * L
-            trainer = Trainer(run, device, compile=device.type == "cuda")
-            x, y = random_batch(batch, L, gen, device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            first = trainer.step(x, y)
-            step_s = statistics.median(trainer.step(x, y) for _ in range(repeats))
-            emit(cfg, suite="gpu", method=method, seq_len=L, batch_size=batch, step_s=step_s,
-                 tokens_per_s=batch * L / step_s, tflops_per_s=flops / step_s / 1e12,
-                 mfu=flops / step_s / peak if peak else None,
-                 peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
-                 first_step_s=first, repeats=repeats, act_ckpt=run.act_ckpt)
-            del trainer
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    model = build(base, with_encoder=True).to(device)
-    gpu_evaluation(cfg, model, base, gen, device)
-    gpu_generation(cfg, model, (1, 2) if cfg.quick else (1, 128), 16 if cfg.quick else 512, device,
-                   base.dtype == "bfloat16")
+            if not measured(cfg, f"{method} at L={L}", lambda: gpu_step(cfg, run, gen, device)):
+                failed.append(f"{method} at L={L}")
+    if failed:
+        raise UsageError(f"--suite=gpu: {len(failed)} measurement(s) failed ({', '.join(failed)}): see the lines above")
+
+
+def measured(cfg, name, measure):
+    """Runs one measurement of the gpu suite; on an error prints it as a record and returns False."""
+    try:
+        measure()
+        return True
+    except Exception as error:  # noqa: BLE001  (a compiler or CUDA error in one measurement must not cost the rest)
+        emit(cfg, suite="gpu", failed=name, error=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
+        return False
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def gpu_step(cfg, run, gen, device):
+    """One method's training step at one shape: time, tokens/s, FLOP/s and MFU, peak memory."""
+    L, batch = run.seq_len, run.batch_size
+    trainer = Trainer(run, device)
+    flops = smt.step_flops(trainer.model, trainer.loss_fn, run, VOCAB, L, device, trainer.autocast) * batch * L
+    peak = smt.peak_flops(run.peak_flops, device)
+    trainer = Trainer(run, device, compile=device.type == "cuda" and cfg.compile)
+    x, y = random_batch(batch, L, gen, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    first = trainer.step(x, y)
+    repeats = cfg.repeats or (1 if cfg.quick else 3)
+    step_s = statistics.median(trainer.step(x, y) for _ in range(repeats))
+    emit(cfg, suite="gpu", method=run.method, seq_len=L, batch_size=batch, step_s=step_s,
+         tokens_per_s=batch * L / step_s, tflops_per_s=flops / step_s / 1e12, mfu=flops / step_s / peak if peak else None,
+         peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+         first_step_s=first, repeats=repeats, act_ckpt=run.act_ckpt,
+         compiled=device.type == "cuda" and cfg.compile)
 
 
 def gpu_evaluation(cfg, model, base, gen, device):

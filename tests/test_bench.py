@@ -226,6 +226,19 @@ def test_gpu_suite_rehearsal_on_cpu(tmp_path):
     assert set(gen) == {(1, False), (2, False)} and all(r["tokens_per_s"] > 0 for r in gen.values())
 
 
+def test_gpu_suite_goes_on_past_a_failed_measurement(monkeypatch, capsys):
+    """A measurement that fails (a compiler or CUDA error) is printed as a record; the others still run; the suite
+    then ends with an error (exit 2 from the command line)."""
+    def broken(*args):
+        raise RuntimeError("no graph today\nsecond line")
+    monkeypatch.setattr(bench, "gpu_generation", broken)
+    with pytest.raises(bench.UsageError, match=r"1 measurement\(s\) failed \(generate\)"):
+        bench.main(["--suite=gpu", "--quick", "--device=cpu", "--json"])
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {"suite": "gpu", "failed": "generate", "error": "RuntimeError: no graph today"} in out
+    assert len([r for r in out if "step_s" in r]) == 4 and any(r.get("measure") == "evaluate_rnn" for r in out)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the answer where there is no CUDA")
 def test_gpu_suite_says_so_without_cuda(tmp_path):
     result = run("bench.py", "--suite=gpu", cwd=tmp_path)
