@@ -165,14 +165,16 @@ class CausalEncoder(nn.Module):
         self.read = Block(d, n_heads)  # registers -> token states, masked per position
         self.mix = Block(d, n_heads)  # the K registers of one position attend to each other
         # the sliding windows as flex_attention BlockMasks (True) or SDPA's dense boolean masks (False); None: flex
-        # where torch.compile fuses it into one kernel, dense when eager (eager flex materialises all the scores)
+        # where torch.compile fuses it into one kernel, dense when eager (eager flex materialises all the scores) and
+        # for heads narrower than 16, which the fused kernel does not take (torch 2.11)
         self.flex = None
+        self.flex_fits = d // n_heads >= 16
 
     def forward(self, x, pos):
         B, L = x.shape
         P, K = pos.numel(), self.registers.size(0)
         t = torch.arange(L, device=x.device)
-        flex = torch.compiler.is_compiling() if self.flex is None else self.flex
+        flex = torch.compiler.is_compiling() and self.flex_fits if self.flex is None else self.flex
 
         def mask(q_pos):  # the sliding window of queries at q_pos over the token states at t
             return window_block_mask(q_pos, L, self.context_len) if flex else window_mask(q_pos, t, self.context_len)

@@ -22,9 +22,9 @@ def tiny_cfg(**over):
 
 
 def tiny_model(cell="transformer", encoder="causal", readout="decoder", mem_tokens=2, context_len=8, seed=0,
-               with_encoder=True):
+               with_encoder=True, d_model=16):
     torch.manual_seed(seed)
-    return smt.SMTModel(32, 16, 2, mem_tokens, 1, 1, 1, context_len, cell=cell, encoder=encoder, readout=readout,
+    return smt.SMTModel(32, d_model, 2, mem_tokens, 1, 1, 1, context_len, cell=cell, encoder=encoder, readout=readout,
                         with_encoder=with_encoder)
 
 

@@ -23,8 +23,11 @@ def test_bf16_autocast_matches_float32(method):
     assert abs(full.item() - half.item()) < 0.05 * abs(full.item())
 
 
-def test_compiled_smt_step_trains():
-    model = tiny_model().cuda()
+@pytest.mark.parametrize("d_model", [16, 32])
+def test_compiled_smt_step_trains(d_model):
+    """Sequences longer than context_len, compiled: with heads of 16 (d_model 32; the fused flex kernel's least) the
+    windows are flex BlockMasks, with heads of 8 dense masks."""
+    model = tiny_model(d_model=d_model).cuda()
     for part in (model.encoder, model.decoder, model.cell):
         part.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -104,8 +107,9 @@ def test_train_on_cuda_compiles_apart_logs_mfu_and_memory(tmp_path, text_file):
     import json
     from conftest import run
     from test_cli import TINY
+    tiny = [a for a in TINY if not a.startswith("--d_model")] + ["--d_model=32"]  # heads of 16: flex compiled
     result = run("train.py", f"--dataset={text_file}", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'o'}",
-                 *TINY, "--device=cuda", "--max_iters=10", "--eval_interval=5", "--peak_flops=1e15", cwd=tmp_path)
+                 *tiny, "--device=cuda", "--max_iters=10", "--eval_interval=5", "--peak_flops=1e15", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "compiled in " in result.stdout
     line = next(line for line in result.stdout.splitlines() if line.startswith("iter 10/10"))
