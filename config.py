@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data import DataError, PROBES
+from data import DataError, PROBES, TEXT_PROBES
 from smt import CELLS, ENCODERS, READOUTS
 
 
@@ -171,6 +171,9 @@ class Config:
     binarize: bool = False  # mnist, mnist5k: pixels as 0 or 1 (vocab 2), 1 where the pixel (after resizing) >= 128
     gap: int = 32  # longrange: bytes of filler between a fact and the place it is needed again
     min_gap: int = 0  # longrange: training episodes draw their gap from [min_gap, gap] (0: all at gap); scored at gap
+    curriculum_gap: int = 0  # longrange: training gaps at most this for the first curriculum_share of the run, then
+    #                          up to gap (0: no curriculum); a teacher learns to copy at short gaps first
+    curriculum_share: float = 0.5  # share of the run (time_budget or max_iters, whichever ends it) before gaps widen
     # schedule and logging
     max_iters: int = 100000  # optimizer steps (on CPU, time_budget ends the run first)
     time_budget: float = 600.0  # stop after this many seconds of training, counting a resumed run's (0: no limit)
@@ -333,6 +336,14 @@ def check_config(cfg):
     if cfg.past_targets > cfg.past_horizon:
         raise UsageError(f"--past_targets={cfg.past_targets} offsets do not fit in [1, past_horizon] = "
                          f"[1, {cfg.past_horizon}]: raise --past_horizon or lower --past_targets")
+    if cfg.curriculum_gap:
+        if cfg.dataset not in TEXT_PROBES:
+            raise UsageError(f"--curriculum_gap widens the gaps of --dataset=longrange, not of {cfg.dataset}")
+        if not max(1, cfg.min_gap) <= cfg.curriculum_gap < cfg.gap:
+            raise UsageError(f"--curriculum_gap={cfg.curriculum_gap} must be at least --min_gap (and 1) and below "
+                             f"--gap={cfg.gap}: the gaps widen from it to --gap")
+        if not 0 < cfg.curriculum_share < 1:
+            raise UsageError(f"--curriculum_share must be in (0, 1), not {cfg.curriculum_share}")
     if cfg.dmt_steps < 2:
         raise UsageError(f"--dmt_steps must be at least 2, not {cfg.dmt_steps}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

@@ -695,14 +695,15 @@ class TextProbe:
     model). Split 'val': one episode from position 0, filler after it, y = -1 except at the answer bytes, so that
     train.py's evaluation scores the RNN at the answers only (rnn_acc per letter, rnn_whole_acc per answer).
     With min_gap, training episodes draw their gap from [min_gap, gap]: a memory cannot tell when the fact will be
-    asked for, as in real text, so it must keep it all along (scoring stays at gap)."""
+    asked for, as in real text, so it must keep it all along (scoring stays at gap). Training gaps reach up to
+    `widest`, which is gap unless a curriculum (train.py) holds it lower for a while."""
 
     def __init__(self, cfg, batch_size, seed=0, rank=0, device="cpu"):
         if cfg.gap < 1:
             raise DataError(f"--gap must be positive, not {cfg.gap}")
         if not 0 <= cfg.min_gap <= cfg.gap:
             raise DataError(f"--min_gap must be in [1, --gap={cfg.gap}] (or 0: every gap is --gap), not {cfg.min_gap}")
-        self.gap, self.min_gap = cfg.gap, cfg.min_gap or cfg.gap
+        self.gap, self.min_gap, self.widest = cfg.gap, cfg.min_gap or cfg.gap, cfg.gap
         self.batch_size, self.device = batch_size, device
         self.seq_len = self.longest(cfg.gap) + 1
         self.meta = dict(vocab_size=256, dtype="uint8", tokenizer="bytes", task=cfg.dataset, gap=cfg.gap,
@@ -722,10 +723,12 @@ class TextProbe:
         return (" " + " ".join(words))[:n]
 
     def draw_gap(self, split, g):
-        """Training episodes spread over [min_gap, gap] when min_gap says so; held-out ones are always at gap."""
-        if split != "train" or self.min_gap == self.gap:
+        """Training episodes spread over [min_gap, widest] when min_gap says so (else all at widest); held-out ones
+        are always at gap."""
+        if split != "train":
             return self.gap
-        return self.min_gap + self.pick(1, g, self.gap - self.min_gap + 1)[0]
+        low = min(self.min_gap, self.widest)
+        return low + self.pick(1, g, self.widest - low + 1)[0] if low < self.widest else self.widest
 
     def episode(self, g, gap):
         """One episode with `gap` bytes of filler: its text and where its answer starts and ends (a byte range)."""

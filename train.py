@@ -55,6 +55,11 @@ def lr_at(cfg, it, elapsed):
     return cfg.lr / 10 + 0.5 * (cfg.lr - cfg.lr / 10) * (1 + math.cos(math.pi * progress))
 
 
+def run_share(cfg, it, elapsed):
+    """How much of the run is done: of max_iters or of time_budget, whichever ends it first."""
+    return max(it / cfg.max_iters, elapsed / cfg.time_budget if cfg.time_budget > 0 else 0.0)
+
+
 def restore(cfg, given):
     """For resume: the checkpoint and the run's config, with what the command line gives on top (the architecture
     cannot change). For dmt: the SMT run's checkpoint, with its architecture and data settings (bar those the
@@ -311,6 +316,8 @@ class Trainer:
         any rank: `stop` holds this one's)."""
         cfg = self.cfg
         L = train_len(cfg)
+        if cfg.curriculum_gap:
+            self.widen_gaps(it)
         loss_sum, stats_sum = 0.0, {}
         for _ in range(cfg.grad_accum):
             x, y = self.batches.get("train", seq_len=L)
@@ -341,6 +348,16 @@ class Trainer:
         self.tokens_done += cfg.batch_size * cfg.grad_accum * L * self.world
         self.seen += cfg.batch_size * cfg.grad_accum * L * self.world
         return loss_sum, stats_sum, elapsed, out_of_time, signalled
+
+    def widen_gaps(self, it):
+        """The long-range probe's curriculum: training gaps up to curriculum_gap for the first curriculum_share of
+        the run, then up to gap."""
+        cfg = self.cfg
+        share = run_share(cfg, it, self.elapsed_before + time.time() - self.t_start)
+        widest = cfg.gap if share >= cfg.curriculum_share else cfg.curriculum_gap
+        if widest != self.batches.widest and self.master:
+            print(f"iter {it}: training gaps now up to {widest} bytes", flush=True)
+        self.batches.widest = widest
 
     def log_line(self, it, loss, stats, elapsed):
         cfg, now = self.cfg, time.time()

@@ -92,6 +92,22 @@ def test_dmt_refines_on_the_smt_runs_data_bar_what_the_command_line_changes(tmp_
         assert (config["gap"], config["min_gap"]) == gaps
 
 
+def test_curriculum_widens_the_gaps_partway(tmp_path):
+    """--curriculum_gap: training gaps up to it for the first curriculum_share of the run (here of max_iters), then
+    up to --gap; the log says when; a resumed run past the switch stays wide."""
+    out = tmp_path / "out"
+    tiny = [a for a in TINY if not a.startswith(("--context_len", "--seq_len"))]
+    result = run("train.py", "--dataset=longrange", "--gap=8", "--min_gap=1", "--curriculum_gap=3",
+                 "--curriculum_share=0.4", f"--out_dir={out}", *tiny, "--max_iters=10", "--eval_interval=5",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    switches = [line for line in result.stdout.splitlines() if "training gaps now" in line]
+    assert switches == ["iter 0: training gaps now up to 3 bytes", "iter 4: training gaps now up to 8 bytes"]
+    resumed = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=12", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "training gaps now" not in resumed.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--no_such_key=1"], "unknown option --no_such_key; --help lists the options"),
     (["--max_iter=1"], "unknown option --max_iter; did you mean --max_iters"),
@@ -108,6 +124,9 @@ def test_dmt_refines_on_the_smt_runs_data_bar_what_the_command_line_changes(tmp_
     (["--cell=lstm", "--mem_tokens=3"], "--mem_tokens must be even"),
     (["--positions=some"], "--positions must be 'all' or a positive number"),
     (["--past_targets=9", "--past_horizon=8"], "raise --past_horizon or lower --past_targets"),
+    (["--curriculum_gap=4"], "--curriculum_gap widens the gaps of --dataset=longrange, not of"),
+    (["--dataset=longrange", "--gap=8", "--curriculum_gap=8"], "must be at least --min_gap (and 1) and below --gap=8"),
+    (["--dataset=longrange", "--gap=8", "--curriculum_gap=4", "--curriculum_share=1"], "--curriculum_share must be"),
     (["--init_from=resume"], "nothing to resume"),
     (["--method=dmt"], "--init_from=<its out_dir>"),
 ])

@@ -556,6 +556,13 @@ def test_longrange_min_gap_mixes_training_gaps_and_scores_at_gap():
     assert all(g == 20 for row in fixed.tolist() for g in gaps(bytes(row).decode()))
     with pytest.raises(data.DataError, match="--min_gap must be in"):
         data.TextProbe(data.DataConfig(dataset="longrange", gap=20, min_gap=21), 8)
+    mixed.widest = 9  # a curriculum holding the training gaps lower: [min_gap, widest]; held-out ones stay at gap
+    seen = [g for row in mixed.get("train", seq_len=400)[0].tolist() for g in gaps(bytes(row).decode())]
+    assert min(seen) == 3 and max(seen) == 9 and len(set(seen)) == 7
+    assert all(g == 20 for row in mixed.get("val")[0].tolist() for g in gaps(bytes(row).decode()))
+    fixed = data.TextProbe(data.DataConfig(dataset="longrange", gap=20), 64, seed=1)
+    fixed.widest = 9  # without min_gap: every training episode at widest
+    assert all(g == 9 for row in fixed.get("train", seq_len=400)[0].tolist() for g in gaps(bytes(row).decode()))
 
 
 def test_train_on_longrange_reports_answer_accuracy(tmp_path):
