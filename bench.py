@@ -362,7 +362,7 @@ def measured(cfg, name, measure):
     try:
         measure()
         return True
-    except Exception as error:  # noqa: BLE001  (a compiler or CUDA error in one measurement must not cost the rest)
+    except Exception as error:  # a compiler or CUDA error in one measurement must not cost the others
         emit(cfg, suite="gpu", failed=name, error=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
         return False
     finally:
