@@ -316,13 +316,12 @@ class Trainer:
         any rank: `stop` holds this one's)."""
         cfg = self.cfg
         L = train_len(cfg)
-        if cfg.curriculum_gap:
-            self.widen_gaps(it)
+        loss_cfg = self.widen_gaps(it) if cfg.curriculum_gap else cfg
         loss_sum, stats_sum = 0.0, {}
         for _ in range(cfg.grad_accum):
             x, y = self.batches.get("train", seq_len=L)
             with self.autocast:
-                loss, stats = self.loss_fn(self.model, x, y, cfg)
+                loss, stats = self.loss_fn(self.model, x, y, loss_cfg)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
             for k, v in stats.items():
@@ -351,13 +350,18 @@ class Trainer:
 
     def widen_gaps(self, it):
         """The long-range probe's curriculum: training gaps up to curriculum_gap for the first curriculum_share of
-        the run, then up to gap."""
+        the run, then up to gap. While the gaps are narrower, past targets reach as many bytes less far back (a
+        horizon far beyond the gaps kept a teacher from learning to copy, docs/long-range.md). Returns the settings
+        the losses use now."""
         cfg = self.cfg
         share = run_share(cfg, it, self.elapsed_before + time.time() - self.t_start)
         widest = cfg.gap if share >= cfg.curriculum_share else cfg.curriculum_gap
+        horizon = max(1, cfg.past_targets, cfg.past_horizon - (cfg.gap - widest))
         if widest != self.batches.widest and self.master:
-            print(f"iter {it}: training gaps now up to {widest} bytes", flush=True)
+            print(f"iter {it}: training gaps now up to {widest} bytes" +
+                  (f", past targets up to {horizon} back" if cfg.past_targets else ""), flush=True)
         self.batches.widest = widest
+        return cfg if widest == cfg.gap else dataclasses.replace(cfg, past_horizon=horizon)
 
     def log_line(self, it, loss, stats, elapsed):
         cfg, now = self.cfg, time.time()

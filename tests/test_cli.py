@@ -94,15 +94,17 @@ def test_dmt_refines_on_the_smt_runs_data_bar_what_the_command_line_changes(tmp_
 
 def test_curriculum_widens_the_gaps_partway(tmp_path):
     """--curriculum_gap: training gaps up to it for the first curriculum_share of the run (here of max_iters), then
-    up to --gap; the log says when; a resumed run past the switch stays wide."""
+    up to --gap, the past targets' horizon shorter by as many bytes until then; the log says when; a resumed run past
+    the switch stays wide."""
     out = tmp_path / "out"
     tiny = [a for a in TINY if not a.startswith(("--context_len", "--seq_len"))]
     result = run("train.py", "--dataset=longrange", "--gap=8", "--min_gap=1", "--curriculum_gap=3",
-                 "--curriculum_share=0.4", f"--out_dir={out}", *tiny, "--max_iters=10", "--eval_interval=5",
-                 cwd=tmp_path)
+                 "--curriculum_share=0.4", "--past_targets=2", "--past_horizon=10", f"--out_dir={out}", *tiny,
+                 "--max_iters=10", "--eval_interval=5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     switches = [line for line in result.stdout.splitlines() if "training gaps now" in line]
-    assert switches == ["iter 0: training gaps now up to 3 bytes", "iter 4: training gaps now up to 8 bytes"]
+    assert switches == ["iter 0: training gaps now up to 3 bytes, past targets up to 5 back",
+                        "iter 4: training gaps now up to 8 bytes, past targets up to 10 back"]
     resumed = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=12", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "training gaps now" not in resumed.stdout
