@@ -172,7 +172,8 @@ class Config:
     gap: int = 32  # longrange: bytes of filler between a fact and the place it is needed again
     min_gap: int = 0  # longrange: training episodes draw their gap from [min_gap, gap] (0: all at gap); scored at gap
     curriculum_gap: int = 0  # longrange: training gaps at most this for the first curriculum_share of the run, then
-    #                          up to gap (0: no curriculum); a teacher learns to copy at short gaps first
+    #                          up to gap, past targets meanwhile gap - this bytes less far back (0: no curriculum); a
+    #                          teacher learns to copy at short gaps first
     curriculum_share: float = 0.5  # share of the run (time_budget or max_iters, whichever ends it) before gaps widen
     # schedule and logging
     max_iters: int = 100000  # optimizer steps (on CPU, time_budget ends the run first)
