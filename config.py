@@ -220,7 +220,8 @@ class Config:
     far_positions: int = 32  # memories per sequence that get far (and past) targets; each target costs a decoder token
     coef_far: float = 1.0  # weight of that far-future loss
     past_targets: int = 0  # past targets per memory: the s-th last byte read, y_{t-s} = x_{t-s+1}, from m_t at s in
-    #                        [1, past_horizon]; 0: off. Makes memories carry what they read (docs/long-range.md)
+    #                        [1, past_horizon]; 0: off. Makes memories carry what they read (docs/long-range.md);
+    #                        in DMT on the RNN's steps from its own memories
     past_horizon: int = 32  # farthest s
     coef_past: float = 1.0  # weight of that past loss
     coef_recall: float = 0.0  # each memory names its last input (keeps memories Markov; see smt.recall_loss)

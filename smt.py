@@ -280,7 +280,9 @@ def bptt_loss(model, x, y, cfg):
 def dmt_loss(model, x, y, cfg):
     """DMT (drift correction): start from the teacher's memory at a random t0, let the RNN run on its own memories (no
     gradient through the unroll), and every dmt_every steps regress f(m_hat_t, x_{t+1}) onto the teacher's
-    m_{t+1}. Optional readout CE on the RNN's own memory, input detached. The teacher (encoder) is frozen."""
+    m_{t+1}. Optional readout CE on the RNN's own memory, input detached. With cfg.past_targets, + coef_past L_past on
+    the RNN's step from its own memory: what the RNN reads it must keep along its own run, where it drifts. The
+    teacher (encoder) is frozen."""
     B, L = x.shape
     Td = min(cfg.dmt_steps, L - 1)
     k = min(cfg.dmt_every, Td - 1)
@@ -297,7 +299,13 @@ def dmt_loss(model, x, y, cfg):
     ce = readout_ce(model, pred.detach(), y[:, t0 + 2 + j])
     readout = mean_bits(ce, y[:, t0 + 2 + j]) * LN2
     loss = cfg.dmt_coef_dyn * dyn + cfg.dmt_coef_unif * unif + cfg.dmt_coef_readout * readout
-    return loss, dict(dyn=dyn.item(), unif=unif.item(), readout_bpb=readout.item() / LN2)
+    stats = dict(dyn=dyn.item(), unif=unif.item(), readout_bpb=readout.item() / LN2)
+    if cfg.past_targets:  # the RNN's own next memory names the bytes it read (one step of gradient, as dyn)
+        f = torch.randperm(j.numel(), device=x.device)[: cfg.far_positions]
+        past = offset_loss(model, pred[:, f], y, t0 + 2 + j[f], past_offsets(cfg, x.device))
+        loss = loss + cfg.coef_past * past
+        stats["past"] = past.item()
+    return loss, stats
 
 
 LOSSES = dict(smt=smt_loss, bptt=bptt_loss, tbptt=bptt_loss, dmt=dmt_loss)
