@@ -309,6 +309,36 @@ def test_past_targets_name_what_the_memory_read():
     assert sum(past[-10:]) / 10 < 0.6 * past[0], past[::10]
 
 
+
+def test_dmt_past_targets_train_the_rnns_own_step_and_cross_one_step():
+    """In DMT, past_targets add coef_past L_past on the RNN's steps from its own (detached) memories: the loss is
+    DMT's plus that term (same draws otherwise), its gradient reaches the cell through one step only, and on a tiny
+    batch the RNN's own memories learn to name what they read."""
+    model = tiny_model()
+    x = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(1))
+    y = torch.roll(x, -1, dims=1)
+    base = dict(method="dmt", future_len=4, dmt_steps=12, dmt_every=1, far_positions=6)
+    torch.manual_seed(3)
+    plain, _ = smt.dmt_loss(model, x, y, tiny_cfg(**base))
+    calls = record_cell_calls(model)
+    torch.manual_seed(3)
+    loss, stats = smt.dmt_loss(model, x, y, tiny_cfg(**base, past_targets=3, past_horizon=6, coef_past=0.5))
+    assert loss.item() == pytest.approx(plain.item() + 0.5 * stats["past"], rel=1e-5)
+    loss.backward()
+    assert longest_cell_chain(calls) == 1
+    assert model.cell.body.blocks[0].mlp.up.weight.grad.abs().sum() > 0
+    del model.cell.forward  # back to the class's forward, unrecorded
+
+    model.encoder.requires_grad_(False)
+    only_past = tiny_cfg(**base, past_targets=3, past_horizon=6, dmt_coef_dyn=0.0, dmt_coef_unif=0.0,
+                         dmt_coef_readout=0.0)
+    torch.manual_seed(0)
+    losses = overfit(smt.dmt_loss, model, only_past, x, y, steps=150)
+    freq = torch.bincount(x.flatten(), minlength=32).float() / x.numel()
+    unigram = -(freq[freq > 0] * freq[freq > 0].log()).sum().item()  # the best guess that reads no memory
+    assert sum(losses[-10:]) / 10 < unigram - 0.5, (unigram, losses[::15])
+
+
 def test_evaluations_compare_and_leave_training_randomness_alone(tmp_path, text_file):
     """With a random subset of transitions (positions=N), every evaluation scores the teacher on the same ones, and
     the training's random stream goes on as if no evaluation had run."""
