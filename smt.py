@@ -218,8 +218,7 @@ def smt_loss(model, x, y, cfg):
     for name, count, offsets, coef in (("far", cfg.far_targets, far_offsets, cfg.coef_far),
                                        ("past", cfg.past_targets, past_offsets, cfg.coef_past)):
         if count:
-            f = torch.randperm(P, device=x.device)[: min(P, cfg.far_positions)]
-            part = offset_loss(model, m_now[:, f], y, t[f], offsets(cfg, x.device))
+            part = sampled_offset_loss(model, m_now, y, t, cfg, offsets)
             loss = loss + coef * part
             stats[name] = part.item()
     if cfg.coef_recall:
@@ -255,6 +254,13 @@ def offset_loss(model, m, y, pos, offsets):
     tgt = y[:, idx.clamp(0, L - 1)].masked_fill(((idx < 0) | (idx >= L))[None], -1)
     ce = cross_entropy(model.decoder.far(m.flatten(0, 1), offsets), tgt)  # (B * P * R,)
     return mean_bits(ce, tgt.reshape(-1)) * LN2
+
+
+def sampled_offset_loss(model, m, y, pos, cfg, draw_offsets):
+    """offset_loss on far_positions of the memories m (B, P, K, d) at pos (P,), drawn at random, with offsets from
+    draw_offsets(cfg, device): each target costs a decoder token, so not every memory gets them."""
+    f = torch.randperm(pos.numel(), device=pos.device)[: cfg.far_positions]
+    return offset_loss(model, m[:, f], y, pos[f], draw_offsets(cfg, pos.device))
 
 
 def recall_loss(model, m, tokens):
@@ -301,8 +307,7 @@ def dmt_loss(model, x, y, cfg):
     loss = cfg.dmt_coef_dyn * dyn + cfg.dmt_coef_unif * unif + cfg.dmt_coef_readout * readout
     stats = dict(dyn=dyn.item(), unif=unif.item(), readout_bpb=readout.item() / LN2)
     if cfg.past_targets:  # the RNN's own next memory names the bytes it read (one step of gradient, as dyn)
-        f = torch.randperm(j.numel(), device=x.device)[: cfg.far_positions]
-        past = offset_loss(model, pred[:, f], y, t0 + 2 + j[f], past_offsets(cfg, x.device))
+        past = sampled_offset_loss(model, pred, y, t0 + 2 + j, cfg, past_offsets)
         loss = loss + cfg.coef_past * past
         stats["past"] = past.item()
     return loss, stats

@@ -309,7 +309,6 @@ def test_past_targets_name_what_the_memory_read():
     assert sum(past[-10:]) / 10 < 0.6 * past[0], past[::10]
 
 
-
 def test_dmt_past_targets_train_the_rnns_own_step_and_cross_one_step():
     """In DMT, past_targets add coef_past L_past on the RNN's steps from its own (detached) memories: the loss is
     DMT's plus that term (same draws otherwise), its gradient reaches the cell through one step only, and on a tiny
