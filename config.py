@@ -238,6 +238,7 @@ class Config:
     dmt_coef_dyn: float = 10.0  # weight of the dynamics loss along the RNN's own run
     dmt_coef_unif: float = 0.01  # weight of the uniformity loss
     dmt_coef_readout: float = 1.0  # readout CE on the RNN's own (detached) memory; 0 disables
+    dmt_readout_grad: bool = False  # True: that CE also trains the RNN's step into the memory it reads (one step)
 
 
 # Defaults that replace Config's where they apply, unless the command line sets the key: on CUDA the paper's shapes,

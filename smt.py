@@ -286,9 +286,10 @@ def bptt_loss(model, x, y, cfg):
 def dmt_loss(model, x, y, cfg):
     """DMT (drift correction): start from the teacher's memory at a random t0, let the RNN run on its own memories (no
     gradient through the unroll), and every dmt_every steps regress f(m_hat_t, x_{t+1}) onto the teacher's
-    m_{t+1}. Optional readout CE on the RNN's own memory, input detached. With cfg.past_targets, + coef_past L_past on
-    the RNN's step from its own memory: what the RNN reads it must keep along its own run, where it drifts. The
-    teacher (encoder) is frozen."""
+    m_{t+1}. Optional readout CE on the RNN's own memory, input detached; with cfg.dmt_readout_grad it trains that
+    step too (still one step of gradient): the memory must also serve the readout, not only resemble the teacher's.
+    With cfg.past_targets, + coef_past L_past on the RNN's step from its own memory: what the RNN reads it must keep
+    along its own run, where it drifts. The teacher (encoder) is frozen."""
     B, L = x.shape
     Td = min(cfg.dmt_steps, L - 1)
     k = min(cfg.dmt_every, Td - 1)
@@ -302,7 +303,7 @@ def dmt_loss(model, x, y, cfg):
     pred = model.step(m_hat.flatten(0, 1), inputs.reshape(-1)).view_as(m_hat)
     dyn = dynamics_error(pred, teacher[:, j + 2], teacher[:, j + 1], cfg.dyn_weighting)
     unif = uniformity(pred)
-    ce = readout_ce(model, pred.detach(), y[:, t0 + 2 + j])
+    ce = readout_ce(model, pred if cfg.dmt_readout_grad else pred.detach(), y[:, t0 + 2 + j])
     readout = mean_bits(ce, y[:, t0 + 2 + j]) * LN2
     loss = cfg.dmt_coef_dyn * dyn + cfg.dmt_coef_unif * unif + cfg.dmt_coef_readout * readout
     stats = dict(dyn=dyn.item(), unif=unif.item(), readout_bpb=readout.item() / LN2)

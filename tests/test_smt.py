@@ -338,6 +338,28 @@ def test_dmt_past_targets_train_the_rnns_own_step_and_cross_one_step():
     assert sum(losses[-10:]) / 10 < unigram - 0.5, (unigram, losses[::15])
 
 
+def test_dmt_readout_grad_trains_the_rnns_step_through_one_step_only():
+    """dmt_readout_grad routes the readout CE into the RNN's step from its own memory (same loss, same draws): without
+    it the cell gets no gradient from the readout; with it, a gradient that crosses one RNN step."""
+    x = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(1))
+    y = torch.roll(x, -1, dims=1)
+    only_readout = dict(method="dmt", future_len=4, dmt_steps=12, dmt_every=1, dmt_coef_dyn=0.0, dmt_coef_unif=0.0)
+    grads, losses = {}, {}
+    for through in (False, True):
+        model = tiny_model()
+        calls = record_cell_calls(model)
+        torch.manual_seed(3)
+        loss, _ = smt.dmt_loss(model, x, y, tiny_cfg(**only_readout, dmt_readout_grad=through))
+        loss.backward()
+        grads[through] = model.cell.body.blocks[0].mlp.up.weight.grad
+        losses[through] = loss.item()
+        assert model.decoder.head.weight.grad.abs().sum() > 0  # the readout learns either way
+    assert losses[False] == pytest.approx(losses[True], rel=1e-6)
+    assert grads[False] is None or grads[False].abs().sum() == 0
+    assert grads[True].abs().sum() > 0
+    assert longest_cell_chain(calls) == 1
+
+
 def test_evaluations_compare_and_leave_training_randomness_alone(tmp_path, text_file):
     """With a random subset of transitions (positions=N), every evaluation scores the teacher on the same ones, and
     the training's random stream goes on as if no evaluation had run."""
