@@ -175,6 +175,8 @@ class Config:
     #                          up to gap, past targets meanwhile gap - this bytes less far back (0: no curriculum); a
     #                          teacher learns to copy at short gaps first
     curriculum_share: float = 0.5  # share of the run (time_budget or max_iters, whichever ends it) before gaps widen
+    curriculum_ramp: float = 0.0  # share of the run over which they then widen a byte at a time, from curriculum_gap
+    #                               to gap (0: in one jump)
     # schedule and logging
     max_iters: int = 100000  # optimizer steps (on CPU, time_budget ends the run first)
     time_budget: float = 600.0  # stop after this many seconds of training, counting a resumed run's (0: no limit)
@@ -347,6 +349,9 @@ def check_config(cfg):
                              f"--gap={cfg.gap}: the gaps widen from it to --gap")
         if not 0 < cfg.curriculum_share < 1:
             raise UsageError(f"--curriculum_share must be in (0, 1), not {cfg.curriculum_share}")
+        if not 0 <= cfg.curriculum_ramp <= 1 - cfg.curriculum_share:
+            raise UsageError(f"--curriculum_ramp={cfg.curriculum_ramp} must be in [0, 1 - --curriculum_share]: the "
+                             f"gaps must reach --gap={cfg.gap} by the end of the run")
     if cfg.dmt_steps < 2:
         raise UsageError(f"--dmt_steps must be at least 2, not {cfg.dmt_steps}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

@@ -350,12 +350,14 @@ class Trainer:
 
     def widen_gaps(self, it):
         """The long-range probe's curriculum: training gaps up to curriculum_gap for the first curriculum_share of
-        the run, then up to gap. While the gaps are narrower, past targets reach as many bytes less far back (a
-        horizon far beyond the gaps kept a teacher from learning to copy, docs/long-range.md). Returns the settings
-        the losses use now."""
+        the run, then up to gap, in one jump or a byte at a time over the next curriculum_ramp of it. While the gaps
+        are narrower, past targets reach as many bytes less far back (a horizon far beyond the gaps kept a teacher
+        from learning to copy, docs/long-range.md). Returns the settings the losses use now."""
         cfg = self.cfg
         share = run_share(cfg, it, self.elapsed_before + time.time() - self.t_start)
-        widest = cfg.gap if share >= cfg.curriculum_share else cfg.curriculum_gap
+        widened = 1.0 if share >= cfg.curriculum_share + cfg.curriculum_ramp else (
+            0.0 if share < cfg.curriculum_share else (share - cfg.curriculum_share) / cfg.curriculum_ramp)
+        widest = cfg.curriculum_gap + math.ceil(widened * (cfg.gap - cfg.curriculum_gap))
         horizon = max(1, cfg.past_targets, cfg.past_horizon - (cfg.gap - widest))
         if widest != self.batches.widest and self.master:
             print(f"iter {it}: training gaps now up to {widest} bytes" +

@@ -110,6 +110,22 @@ def test_curriculum_widens_the_gaps_partway(tmp_path):
     assert "training gaps now" not in resumed.stdout
 
 
+def test_curriculum_ramp_widens_the_gaps_a_byte_at_a_time(tmp_path):
+    """--curriculum_ramp: after curriculum_share of the run the gaps widen one byte at a time, reaching --gap by
+    curriculum_share + curriculum_ramp (here of 20 iterations: from iteration 5 to 15), the past targets' horizon
+    following them."""
+    tiny = [a for a in TINY if not a.startswith(("--context_len", "--seq_len"))]
+    result = run("train.py", "--dataset=longrange", "--gap=8", "--min_gap=1", "--curriculum_gap=3",
+                 "--curriculum_share=0.25", "--curriculum_ramp=0.5", "--past_targets=2", "--past_horizon=10",
+                 f"--out_dir={tmp_path / 'out'}", *tiny, "--max_iters=20", "--eval_interval=10", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    switches = [line.split() for line in result.stdout.splitlines() if "training gaps now" in line]
+    iters = [int(words[1].rstrip(":")) for words in switches]
+    assert [int(words[7]) for words in switches] == [3, 4, 5, 6, 7, 8]
+    assert [int(words[13]) for words in switches] == [5, 6, 7, 8, 9, 10]
+    assert iters[0] == 0 and 5 < iters[1] < iters[2] < iters[3] < iters[4] < iters[5] <= 15
+
+
 @pytest.mark.parametrize("args, message", [
     (["--no_such_key=1"], "unknown option --no_such_key; --help lists the options"),
     (["--max_iter=1"], "unknown option --max_iter; did you mean --max_iters"),
@@ -129,6 +145,7 @@ def test_curriculum_widens_the_gaps_partway(tmp_path):
     (["--curriculum_gap=4"], "--curriculum_gap widens the gaps of --dataset=longrange, not of"),
     (["--dataset=longrange", "--gap=8", "--curriculum_gap=8"], "must be at least --min_gap (and 1) and below --gap=8"),
     (["--dataset=longrange", "--gap=8", "--curriculum_gap=4", "--curriculum_share=1"], "--curriculum_share must be"),
+    (["--dataset=longrange", "--gap=8", "--curriculum_gap=4", "--curriculum_ramp=0.6"], "--curriculum_ramp=0.6 must be"),
     (["--init_from=resume"], "nothing to resume"),
     (["--method=dmt"], "--init_from=<its out_dir>"),
 ])
