@@ -62,8 +62,11 @@ def load_checkpoint(path, what, keys=("config", "model", "meta")):
     return ckpt
 
 
-def load_weights(model, weights, source):
-    """model.load_state_dict, with one line instead of the list of every mismatched tensor."""
+def load_weights(model, weights, source, prefix=""):
+    """model.load_state_dict of the weights whose names start with `prefix` (stripped), with one line instead of
+    the list of every mismatched tensor."""
+    if prefix:
+        weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     try:
         model.load_state_dict(weights)
     except RuntimeError:

@@ -152,7 +152,8 @@ class Config:
     dataset: str = "shakespeare"  # shakespeare | tinystories | mnist | mnist5k | a probe | longrange | text file(s)
     data_dir: str = "data"  # where prepared datasets are kept
     out_dir: str = "out"  # ckpt.pt, rnn.pt and log.jsonl go here
-    init_from: str = "scratch"  # scratch | resume (continue out_dir) | for dmt: the out_dir of an SMT run
+    init_from: str = "scratch"  # scratch | resume (continue out_dir) | the out_dir of an SMT run: dmt refines its RNN;
+    #                             smt trains a fresh RNN on its teacher (--cell, --rnn_depth, --readout may differ)
     overwrite: bool = False  # True: start afresh in an out_dir that holds a run, deleting it (and its log)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
@@ -257,6 +258,7 @@ BPTT_DEFAULTS = dict(lr_schedule="cosine")  # the baseline's best: 2.36 bits/byt
 #                                             2.43 with a constant lr (docs/text-gap.md)
 ARCH_KEYS = ("d_model", "n_heads", "mem_tokens", "encoder_depth", "decoder_depth", "rnn_depth", "cell", "encoder",
              "readout", "context_len")
+RNN_KEYS = ("rnn_depth", "cell", "readout")  # the RNN's own shape: a fresh RNN on a trained teacher may change it
 METHODS = ("smt", "bptt", "tbptt", "dmt")
 
 
@@ -358,5 +360,8 @@ def check_config(cfg):
         raise UsageError(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
     if cfg.method == "dmt" and cfg.init_from == "scratch":
         raise UsageError("--method=dmt refines a trained SMT run: pass --init_from=<its out_dir>")
+    if cfg.method in ("bptt", "tbptt") and cfg.init_from not in ("scratch", "resume"):
+        raise UsageError(f"--method={cfg.method} has no teacher to take from --init_from={cfg.init_from}: pass "
+                         "--init_from=scratch or resume")
     if cfg.overwrite and cfg.init_from == "resume":
         raise UsageError("--overwrite=True starts afresh; --init_from=resume continues the run: pass one of them")

@@ -3,6 +3,7 @@
     python train.py --method smt                      # SMT on the default dataset (Shakespeare, bytes)
     python train.py --method bptt                     # the baseline: same cell and readout, backprop through time
     python train.py --method dmt --init_from=out      # drift correction of an SMT run's RNN, into --out_dir
+    python train.py --init_from=out --out_dir=new     # a fresh RNN on out's teacher (with --freeze=teacher)
     python train.py --init_from=resume                # continue the run in --out_dir
 
 Every knob is a field of config.Config, with its default; set any with --key=value, list them with --help. On CUDA,
@@ -23,8 +24,8 @@ import torch.distributed as dist
 
 import smt
 from checkpoint import RUN_FILES, load_checkpoint, load_weights, save_run
-from config import (ARCH_KEYS, UsageError, check_config, config_help, known_settings, load_config, probe_defaults,
-                    run_cli)
+from config import (ARCH_KEYS, RNN_KEYS, UsageError, check_config, config_help, known_settings, load_config,
+                    probe_defaults, run_cli)
 from data import DATA_KEYS, PROBES, TEXT_PROBES, Batches, Probe, TextProbe, prepare
 
 
@@ -62,8 +63,8 @@ def run_share(cfg, it, elapsed):
 
 def restore(cfg, given):
     """For resume: the checkpoint and the run's config, with what the command line gives on top (the architecture
-    cannot change). For dmt: the SMT run's checkpoint, with its architecture and data settings (bar those the
-    command line gives)."""
+    cannot change). For dmt, or smt on a trained teacher: the SMT run's checkpoint, with its architecture and data
+    settings (bar those the command line gives; only the RNN's own shape, RNN_KEYS, may differ, and only for smt)."""
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", f"nothing to resume in --out_dir={cfg.out_dir}",
                                keys=("config", "model", "meta", "optimizer", "iter", "elapsed", "rng"))
@@ -74,17 +75,17 @@ def restore(cfg, given):
         ckpt = load_checkpoint(Path(cfg.init_from) / "ckpt.pt", f"--init_from={cfg.init_from} must be the "
                                "out_dir of an SMT run")
         if ckpt["config"]["method"] not in ("smt", "dmt"):
-            raise UsageError(f"--init_from={cfg.init_from} is a {ckpt['config']['method']} run; DMT needs a "
-                             "teacher, from an SMT run")
+            raise UsageError(f"--init_from={cfg.init_from} is a {ckpt['config']['method']} run; "
+                             f"{cfg.method.upper()} needs a teacher, from an SMT run")
     for key in ARCH_KEYS:
-        if key in given and getattr(cfg, key) != ckpt["config"][key]:
+        if key in given and getattr(cfg, key) != ckpt["config"][key] and not (fresh_rnn(cfg) and key in RNN_KEYS):
             raise UsageError(f"--{key}={getattr(cfg, key)} differs from the checkpoint's {ckpt['config'][key]}; "
                              f"the architecture of a run cannot change")
     if cfg.init_from == "resume":  # the same run goes on: its settings, bar what the command line changes
         kept = {k: v for k, v in known_settings(ckpt["config"]).items()
                 if k not in given | {"init_from", "out_dir", "overwrite"}}
         return dataclasses.replace(cfg, **kept), ckpt
-    arch = {k: ckpt["config"][k] for k in ARCH_KEYS}
+    arch = {k: ckpt["config"][k] for k in ARCH_KEYS if k not in given}
     if "dataset" not in given or cfg.dataset == ckpt["config"]["dataset"]:  # dmt refines on the SMT run's data,
         arch.update({k: ckpt["config"][k] for k in DATA_KEYS  # bar what the command line changes (older runs lack
                      if k in ckpt["config"] and k not in given})  # newer keys)
@@ -92,6 +93,11 @@ def restore(cfg, given):
         task_len = arch.get("task_len", cfg.task_len)
         arch.update({k: v for k, v in probe_defaults(task_len).items() if k not in given and k not in ARCH_KEYS})
     return dataclasses.replace(cfg, **arch), ckpt
+
+
+def fresh_rnn(cfg):
+    """SMT from another run: a new RNN trained on that run's teacher (encoder and decoder weights taken)."""
+    return cfg.method == "smt" and cfg.init_from not in ("scratch", "resume")
 
 
 def all_reduce_mean(params, numbers):
@@ -214,8 +220,12 @@ class Trainer:
         cfg, vocab_size = self.cfg, self.meta["vocab_size"]
         model = smt.build_model(dataclasses.asdict(cfg), vocab_size, cfg.method in ("smt", "dmt")).to(self.device)
         if ckpt is not None:
-            load_weights(model, ckpt["model"], f"{cfg.init_from} (this model: vocab {vocab_size} of {cfg.dataset}, "
-                         f"{cfg.method})")
+            source = f"{cfg.init_from} (this model: vocab {vocab_size} of {cfg.dataset}, {cfg.method})"
+            if fresh_rnn(cfg):  # only the teacher's weights; the RNN (and a linear readout) start afresh
+                load_weights(model.encoder, ckpt["model"], source, prefix="encoder.")
+                load_weights(model.decoder, ckpt["model"], source, prefix="decoder.")
+            else:
+                load_weights(model, ckpt["model"], source)
         model.set_act_ckpt(cfg.act_ckpt)
         if cfg.method == "dmt":
             model.encoder.requires_grad_(False)

@@ -76,6 +76,34 @@ def test_dmt_after_smt_and_resume(tmp_path, text_file):
     assert [e["iter"] for e in evals(smt_out)] == [20, 30]
 
 
+def test_smt_trains_a_fresh_rnn_of_another_shape_on_a_runs_teacher(tmp_path, text_file):
+    """SMT with --init_from=<an SMT run>: the run's encoder and decoder exactly (frozen: they stay so), a new RNN of
+    the depth the command line gives, and it learns; the teacher's own shape cannot change, nor BPTT take one."""
+    source, fresh = tmp_path / "smt", tmp_path / "fresh"
+    train(tmp_path, text_file, source, "--max_iters=20", "--eval_interval=20", "--lr=3e-3")
+    train(tmp_path, text_file, fresh, f"--init_from={source}", "--rnn_depth=2", "--freeze=teacher",
+          "--max_iters=40", "--eval_interval=20", "--lr=3e-3")
+    before = torch.load(source / "ckpt.pt", weights_only=True)["model"]
+    after = torch.load(fresh / "ckpt.pt", weights_only=True)
+    teacher = [k for k in before if k.startswith(("encoder.", "decoder."))]
+    assert teacher and all(torch.equal(before[k], after["model"][k]) for k in teacher)
+    assert after["config"]["rnn_depth"] == 2 and "cell.body.blocks.1.attn.q.weight" in after["model"]
+    assert "cell.body.blocks.1.attn.q.weight" not in before
+    log = evals(fresh)
+    assert log[-1]["val_dyn"] < log[0]["val_dyn"]  # the new RNN learns the teacher's steps
+    untrained = tmp_path / "untrained"  # the same shape as the run's RNN, no step taken: a new RNN, not the run's
+    train(tmp_path, text_file, untrained, f"--init_from={source}", "--lr=0", "--max_iters=1", "--eval_interval=1")
+    weights = torch.load(untrained / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(before[k], weights[k]) for k in teacher)
+    assert not any(torch.equal(before[k], weights[k]) for k in ("rnn_embed.weight", "m_empty",
+                                                                 "cell.body.blocks.0.attn.q.weight"))
+    for args, message in ((["--d_model=32"], "--d_model=32 differs from the checkpoint's 16"),
+                          (["--method=bptt"], "--method=bptt has no teacher to take from --init_from")):
+        result = run("train.py", f"--dataset={text_file}", f"--data_dir={tmp_path / 'data'}", f"--init_from={source}",
+                     f"--out_dir={tmp_path / 'bad'}", "--max_iters=1", *args, cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_dmt_refines_on_the_smt_runs_data_bar_what_the_command_line_changes(tmp_path):
     """Naming the SMT run's dataset again does not reset its data settings (a long-range run's gaps) to the
     defaults; a data setting given on the command line wins."""
