@@ -9,6 +9,8 @@
     python bench.py --suite=text         # the same on Shakespeare's bytes: held-out bits per byte against seconds
     python bench.py --suite=images       # the same on 14x14 black-and-white digits, then digits drawn and completed
     python bench.py --suite=longrange    # the same on the long-range text probe at gaps 16 and 32: recall per kind
+    python bench.py --suite=recall --run=out/lr --lengths=16,32   # a trained long-range run scored at other gaps,
+                                         # teacher and RNN, and how many bytes back their memories name what they read
     python bench.py --suite=gpu          # CUDA: SMT and BPTT steps at the paper's shapes (time, tokens/s, MFU,
                                          # peak memory), one evaluation, generation graphed vs plain (< 7 min, H200)
     python bench.py --suite=scaling --device=cuda     # the timing suites on a GPU (synchronised timing)
@@ -45,20 +47,20 @@ from checkpoint import load_checkpoint, load_weights
 from config import CUDA_DEFAULTS, Config, UsageError, known_settings, options_help, parse_overrides, run_cli
 from data import PROBES, Probe, TextProbe
 
-SUITES = ("scaling", "throughput", "inference", "gradients", "probes", "text", "images", "longrange", "gpu")
+SUITES = ("scaling", "throughput", "inference", "gradients", "probes", "text", "images", "longrange", "recall", "gpu")
 HERE = Path(__file__).resolve().parent
 VOCAB = 256
 
 
 @dataclass
 class BenchConfig:
-    suite: str = ""  # scaling | throughput | inference | gradients | probes | text | images | longrange | gpu
+    suite: str = ""  # scaling | throughput | inference | gradients | probes | text | images | longrange | recall | gpu
     quick: bool = False  # small sizes: every suite in under 2 minutes on a 2-core CPU
     json: bool = False  # one JSON object per measurement instead of table lines
     out: str = "bench_out"  # where PNGs (and the reproductions' training runs) go
     lengths: str = ""  # comma-separated, overrides the suite's: scaling: sequence lengths; inference: token counts
     #                    reported; throughput: the one context length; gradients: the one unroll length T;
-    #                    probes: task lengths; longrange: the gaps
+    #                    probes: task lengths; longrange, recall: the gaps
     repeats: int = 0  # timed steps per measurement (the median is reported); 0: the suite's default
     tokens: int = 0  # scaling: tokens per batch, held fixed across lengths; 0: the suite's default
     batch_size: int = 0  # throughput: sequences per batch; 0: the suite's default
@@ -83,6 +85,9 @@ class BenchConfig:
     smt_args: str = ""  # extra train.py settings for the SMT lane, space-separated; "": the suite's
     bptt_args: str = ""  # the same for the BPTT lane
     dmt_args: str = ""  # the same for DMT
+    # recall: one trained long-range run, scored (no training)
+    run: str = ""  # its out_dir
+    episodes: int = 512  # held-out episodes at each gap, drawn with --seed (the same episodes for every run)
 
 
 SUITE_DEFAULTS = dict(  # the reproductions' settings, quoted in the README; --quick shrinks them for tests
@@ -646,6 +651,70 @@ def accuracy_by_kind(logits, x, y):
     return {f"{kind}_acc": smt.accuracy(logits[rows], y[rows], whole=False) for kind, rows in kinds.items()}
 
 
+BYTES_BACK = (1, 4, 8, 16, 24, 32, 40, 48)  # recall: the distances of the record, asked together (the queries
+#                                                 see one another, so each answer depends a little on the set)
+
+
+def recall(cfg, gaps):
+    """A trained long-range run (--run) scored without training, on --episodes held-out episodes at each gap: the
+    share of answer bytes, of whole answers and of answer bytes of each kind that the RNN alone (from its empty
+    memory) and its teacher (from its own memories) name. Then, at the run's own gap, the memories' record of what
+    they read: at every position, whether the decoder's past-target query names the byte s back (Decoder.far at
+    offset -s), from the teacher's memories and from the RNN's own. The record means something after SMT with past
+    targets; DMT retrains the readout, which is the decoder's head, on next bytes only."""
+    if not cfg.run:
+        raise UsageError("--suite=recall scores a trained long-range run: give its out_dir, --run=out/NAME")
+    if not (Path(cfg.run) / "ckpt.pt").is_file():
+        raise UsageError(f"--run={cfg.run} holds no ckpt.pt: give the out_dir of a finished train.py run")
+    run, model = load_run(Path(cfg.run))
+    if run.dataset != "longrange":
+        raise UsageError(f"--suite=recall scores long-range runs, and {cfg.run} trained on {run.dataset}")
+    model.eval()
+    for gap in gaps:
+        x, y = held_out_episodes(run, gap, cfg)
+        for memories, logits in answer_logits(model, x).items():
+            emit(cfg, suite="recall", gap=gap, memories=memories, acc=smt.accuracy(logits, y, whole=False),
+                 whole_acc=smt.accuracy(logits, y, whole=True), **accuracy_by_kind(logits, x, y),
+                 episodes=cfg.episodes)
+    if model.encoder is not None:
+        x, _ = held_out_episodes(run, run.gap, cfg)
+        for memories, named in memory_record(model, x, [s for s in BYTES_BACK if s < x.size(1)]).items():
+            emit(cfg, suite="recall", gap=run.gap, memories=memories, **{f"back_{s}": v for s, v in named.items()})
+
+
+def held_out_episodes(run, gap, cfg):
+    """--episodes held-out episodes at `gap`, the same for every run given the same --seed."""
+    probe = TextProbe(dataclasses.replace(run, gap=gap, min_gap=0), cfg.episodes)
+    return probe.get("val", generator=torch.Generator().manual_seed(cfg.seed))
+
+
+@torch.no_grad()
+def answer_logits(model, x):
+    """{"rnn": its readout at every byte of x, from m_empty; "teacher": its readout of its own memories} (B, L, V)."""
+    logits = {"rnn": smt.rnn_logits(model, x)}
+    if model.encoder is not None:
+        memories = model.memories(x, torch.arange(x.size(1)))
+        logits["teacher"] = model.readout(memories.flatten(0, 1)).view(*x.shape, -1)
+    return logits
+
+
+@torch.no_grad()
+def memory_record(model, x, distances):
+    """{"teacher", "rnn": {s: the share of positions t (t >= s - 1) whose memory m_t, asked by the decoder for the
+    byte s back (y_{t-s} = x_{t-s+1}), names it}}."""
+    B, L = x.shape
+    offsets = -torch.tensor(distances)
+    memories = dict(teacher=model.memories(x, torch.arange(L)),
+                    rnn=torch.stack([m for _, m in smt.rollout(model, model.empty(B), x)], dim=1))
+    record = {}
+    for name, m in memories.items():
+        named = model.decoder.far(m.flatten(0, 1), offsets).argmax(-1).view(B, L, -1)
+        record[name] = {}
+        for i, s in enumerate(distances):  # named[:, t, i] against x[:, t - s + 1]
+            record[name][s] = (named[:, s - 1:, i] == x[:, : L - s + 1]).float().mean().item()
+    return record
+
+
 @functools.cache
 def pyplot():
     """matplotlib.pyplot drawing to files, or None (said once) when matplotlib is missing."""
@@ -702,6 +771,8 @@ def main(argv):
     for key in ("repeats", "tokens", "batch_size", "threads"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")
+    if cfg.episodes < 1:
+        raise UsageError(f"--episodes must be positive, not {cfg.episodes}")
     if cfg.train_len < 0 or 0 < cfg.train_len < 8:
         raise UsageError(f"--train_len must be 0 (train at each length) or a task length of at least 8, "
                          f"not {cfg.train_len}")
@@ -735,6 +806,8 @@ def main(argv):
         probes(cfg, parse_lengths(cfg, [16] if cfg.quick else [64, 256, 1024]))
     elif cfg.suite == "longrange":
         longrange(cfg, parse_lengths(cfg, [16, 32]))
+    elif cfg.suite == "recall":
+        recall(cfg, parse_lengths(cfg, [16, 32]))
     elif cfg.suite in ("text", "images"):
         (text if cfg.suite == "text" else images)(cfg)
     elif cfg.suite == "scaling":

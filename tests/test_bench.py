@@ -173,6 +173,56 @@ def test_longrange_scores_each_kind_on_its_own_answers():
     assert 0.3 < scores["name_acc"] < 0.7 and scores["key_acc"] == scores["bracket_acc"] == 0.0
 
 
+def test_recall_scores_a_trained_run_as_train_py_does(tmp_path):
+    """At the run's own gap, on the episodes train.py evaluates (its seed, one batch of 32), the suite's scores are
+    train.py's last evaluation; at another gap it scores too; the record covers both kinds of memory."""
+    result = run("train.py", "--dataset=longrange", "--gap=8", "--min_gap=1", "--past_targets=4", "--past_horizon=12",
+                 "--batch_size=8", "--eval_iters=1", "--max_iters=20", "--eval_interval=20", "--seed=5",
+                 "--out_dir=lr", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    last = json.loads((tmp_path / "lr" / "log.jsonl").read_text().splitlines()[-1])
+    out = records(tmp_path, "--suite=recall", "--run=lr", "--lengths=8,12", "--episodes=32", "--seed=5")
+    scores = {(r["gap"], r["memories"]): r for r in out if "acc" in r}
+    assert set(scores) == {(8, "rnn"), (8, "teacher"), (12, "rnn"), (12, "teacher")}
+    assert scores[8, "rnn"]["acc"] == pytest.approx(last["val_rnn_acc"], abs=1e-6)
+    assert scores[8, "rnn"]["whole_acc"] == pytest.approx(last["val_rnn_whole_acc"], abs=1e-6)
+    assert scores[8, "teacher"]["acc"] == pytest.approx(last["val_teacher_acc"], abs=1e-6)
+    assert all(0 <= r[f"{k}_acc"] <= 1 for r in scores.values() for k in ("key", "name", "bracket"))
+    record = {r["memories"]: r for r in out if "back_1" in r}
+    assert set(record) == {"rnn", "teacher"} and all(r["gap"] == 8 for r in record.values())
+    assert all(0 <= r[f"back_{s}"] <= 1 for r in record.values() for s in bench.BYTES_BACK if s < 31)
+
+
+class ShiftRegister(torch.nn.Module):
+    """A stand-in model whose memory token k is the one-hot byte read k + 1 steps ago (the RNN keeps 3, the
+    teacher 1), and whose decoder names the byte s back from token s - 1: what memory_record must find."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoder = self
+
+    def empty(self, batch):
+        return torch.zeros(batch, 3, 256)
+
+    def step(self, memory, token):
+        return torch.cat([torch.nn.functional.one_hot(token, 256).float()[:, None], memory[:, :2]], dim=1)
+
+    def memories(self, x, positions):
+        last = torch.nn.functional.one_hot(x[:, positions], 256).float()[:, :, None]
+        return torch.cat([last, torch.zeros(*last.shape[:2], 2, 256)], dim=2)
+
+    def far(self, m, offsets):
+        kept = [m[:, -r - 1] if -r <= m.size(1) else torch.zeros(m.size(0), 256) for r in offsets.tolist()]
+        return torch.stack(kept, dim=1)
+
+
+def test_memory_record_names_the_byte_s_back():
+    x, _ = data.TextProbe(data.DataConfig(dataset="longrange", gap=8), 16).get("val")
+    record = bench.memory_record(ShiftRegister(), x, [1, 2, 3, 4, 8])
+    assert record["rnn"] == {1: 1.0, 2: 1.0, 3: 1.0, 4: 0.0, 8: 0.0}
+    assert record["teacher"] == {1: 1.0, 2: 0.0, 3: 0.0, 4: 0.0, 8: 0.0}
+
+
 def test_without_matplotlib_the_suites_still_run(tmp_path):
     """A matplotlib that cannot be imported (first on the path): one line says so, the numbers still come."""
     (tmp_path / "fake" / "matplotlib").mkdir(parents=True)
@@ -276,6 +326,9 @@ def test_bad_input_cli(tmp_path, args, message):
     (["--suite=gpu", "--device=cpu"], "on CPU only its tiny rehearsal runs"),
     (["--suite=scaling", "--device=tpu"], "--device must be cpu, cuda or cuda:N"),
     (["--suite=gpu", "--quick", "--device=cpu", "--act_ckpt=some"], "--act_ckpt must be one of"),
+    (["--suite=recall"], "give its out_dir, --run="),
+    (["--suite=recall", "--run=nowhere"], "holds no ckpt.pt"),
+    (["--suite=recall", "--run=nowhere", "--episodes=0"], "--episodes must be positive"),
 ])
 def test_bad_input(args, message):
     with pytest.raises(UsageError, match=message):  # run_cli turns it into one line and exit 2, as above
