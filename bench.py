@@ -639,7 +639,7 @@ def answers_by_kind(run_dir, episodes=512):
     """A long-range run's final RNN, from its empty memory, scored per answer byte on held-out episodes of each
     kind: {key_acc, name_acc, bracket_acc}."""
     run, model = load_run(run_dir)
-    x, y = TextProbe(run, episodes).get("val", generator=torch.Generator().manual_seed(run.seed))
+    x, y = held_out_episodes(run, run.gap, episodes, run.seed)
     with torch.no_grad():
         return accuracy_by_kind(smt.rnn_logits(model, x), x, y)
 
@@ -660,8 +660,8 @@ def recall(cfg, gaps):
     share of answer bytes, of whole answers and of answer bytes of each kind that the RNN alone (from its empty
     memory) and its teacher (from its own memories) name. Then, at the run's own gap, the memories' record of what
     they read: at every position, whether the decoder's past-target query names the byte s back (Decoder.far at
-    offset -s), from the teacher's memories and from the RNN's own. The record means something after SMT with past
-    targets; DMT retrains the readout, which is the decoder's head, on next bytes only."""
+    offset -s), from the teacher's memories and from the RNN's own; for runs with past targets only. It means
+    something after SMT; DMT retrains the readout, which is the decoder's head, on next bytes only."""
     if not cfg.run:
         raise UsageError("--suite=recall scores a trained long-range run: give its out_dir, --run=out/NAME")
     if not (Path(cfg.run) / "ckpt.pt").is_file():
@@ -671,21 +671,21 @@ def recall(cfg, gaps):
         raise UsageError(f"--suite=recall scores long-range runs, and {cfg.run} trained on {run.dataset}")
     model.eval()
     for gap in gaps:
-        x, y = held_out_episodes(run, gap, cfg)
+        x, y = held_out_episodes(run, gap, cfg.episodes, cfg.seed)
         for memories, logits in answer_logits(model, x).items():
             emit(cfg, suite="recall", gap=gap, memories=memories, acc=smt.accuracy(logits, y, whole=False),
                  whole_acc=smt.accuracy(logits, y, whole=True), **accuracy_by_kind(logits, x, y),
                  episodes=cfg.episodes)
-    if model.encoder is not None:
-        x, _ = held_out_episodes(run, run.gap, cfg)
+    if run.past_targets and model.encoder is not None:
+        x, _ = held_out_episodes(run, run.gap, cfg.episodes, cfg.seed)
         for memories, named in memory_record(model, x, [s for s in BYTES_BACK if s < x.size(1)]).items():
             emit(cfg, suite="recall", gap=run.gap, memories=memories, **{f"back_{s}": v for s, v in named.items()})
 
 
-def held_out_episodes(run, gap, cfg):
-    """--episodes held-out episodes at `gap`, the same for every run given the same --seed."""
-    probe = TextProbe(dataclasses.replace(run, gap=gap, min_gap=0), cfg.episodes)
-    return probe.get("val", generator=torch.Generator().manual_seed(cfg.seed))
+def held_out_episodes(run, gap, episodes, seed):
+    """Held-out long-range episodes at `gap` (x, y), the same for every run given the same seed."""
+    probe = TextProbe(dataclasses.replace(run, gap=gap, min_gap=0), episodes)
+    return probe.get("val", generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
