@@ -250,6 +250,18 @@ def download(url, path, size=None, digest=None, limit=0, tries=5, put=None):
 # ---------------------------------------------------------------------------------------------------------------
 # Preparation.
 
+def publish(tmp, out):
+    """Renames the finished folder tmp to out. A folder at out without meta.json is an unfinished one and goes; a
+    prepared dataset there stays: another process (a race's other lane) prepared the same data meanwhile."""
+    try:
+        if out.exists() and not (out / "meta.json").exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError:
+        if not (out / "meta.json").exists():
+            raise
+
+
 def write_dataset(out, splits, meta):
     """Streams {'train': token arrays, 'val': token arrays} into out/train.bin, out/val.bin and out/meta.json,
     atomically: a temporary folder renamed into place."""
@@ -273,9 +285,7 @@ def write_dataset(out, splits, meta):
                 raise DataError(f"{meta['source']} is too small: its {split} split has {n} of the {MIN_SPLIT_TOKENS} "
                                 "tokens that the shortest training window needs; give more data")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "

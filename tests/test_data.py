@@ -399,6 +399,23 @@ def test_too_little_data_asks_for_more_and_leaves_nothing_behind(tmp_path):
     assert list((tmp_path / "data").rglob("*")) == []
 
 
+def test_a_dataset_another_process_prepared_meanwhile_stays(tmp_path):
+    """Two lanes of a race prepare the same corpus at once: the second to finish keeps the first's dataset (which
+    the first may be reading) and goes on without an error; a folder without meta.json is unfinished and replaced."""
+    out = tmp_path / "data" / "d"
+    meta = dict(dtype="uint8", vocab_size=256, source="test")
+    data.write_dataset(out, dict(train=[np.arange(8)], val=[np.arange(4)]), dict(meta))
+    first = (out / "train.bin").read_bytes()
+    data.write_dataset(out, dict(train=[np.arange(8, 16)], val=[np.arange(4)]), dict(meta))
+    assert (out / "train.bin").read_bytes() == first == bytes(range(8))
+    assert [p.name for p in out.parent.iterdir()] == ["d"]  # no temporary folder left
+    unfinished = tmp_path / "data" / "e"
+    unfinished.mkdir()
+    (unfinished / "train.bin").write_bytes(b"partial")
+    data.write_dataset(unfinished, dict(train=[np.arange(8)], val=[np.arange(4)]), dict(meta))
+    assert (unfinished / "train.bin").read_bytes() == bytes(range(8)) and (unfinished / "meta.json").exists()
+
+
 def test_windows_too_long_for_a_split_name_the_split_that_limits_them(tmp_path):
     small = tmp_path / "small.txt"
     small.write_bytes(b"abcdefghij" * 20)  # 180 bytes to train, 20 to val
