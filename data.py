@@ -2,7 +2,8 @@
 
 A prepared dataset is a folder data/<name>/ with train.bin and val.bin (flat token arrays, opened as memmaps per
 batch so RAM never grows) and meta.json (vocab_size, dtype, tokenizer). Preparation happens once, with progress
-output, and atomically: a folder appears complete or not at all. Downloads resume where they stopped.
+output, and atomically: a folder appears complete or not at all. Downloads resume where they stopped, and two
+processes fetching the same file take turns.
 
     python data.py shakespeare                        # prepare a dataset; prints where it went and how big it is
     python data.py tinystories --max_bytes=20000000   # the first 20 MB of TinyStories
@@ -14,6 +15,7 @@ no preparation: they are generated per batch.
 This module imports nothing of the project's own; its command line uses config.py's helpers.
 """
 import codecs
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -32,6 +34,11 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 import tiktoken
@@ -178,13 +185,47 @@ def download(url, path, size=None, digest=None, limit=0, tries=5, put=None):
     connection now, or an earlier run) continues from there with an HTTP Range request. The size and digest
     ('md5:<hex>' or 'sha256:<hex>'), given here or published by the server, are checked before the file is renamed
     into place. limit > 0 fetches only the first `limit` bytes (unverifiable beyond their count). `put` is where the
-    messages tell the user to put the file by hand (default: path)."""
-    put = put or path
+    messages tell the user to put the file by hand (default: path). Processes fetching the same path take turns
+    (a lock file beside it): the later one finds the file there."""
     path = Path(path)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
+    lock = path.with_name(path.name + ".lock")
+    with turn(lock, f"waiting for another process downloading {path}"):
+        if not path.exists():
+            part = path.with_name(path.name + ".part")
+            size, digest = transfer(url, part, size, digest, limit, tries, put or path)
+            if size and not limit and part.stat().st_size != size:
+                reject(part, f"{url} gave {part.stat().st_size:,} bytes, not the {size:,} published")
+            if digest and not limit:
+                algorithm, expected = digest.split(":")
+                if file_digest(part, algorithm) != expected:
+                    reject(part, f"{url} does not match its published {algorithm}")
+            os.replace(part, path)
+        lock.unlink(missing_ok=True)  # safe once path exists: whoever waits on this lock finds the file and stops
+    return path
+
+
+@contextlib.contextmanager
+def turn(lock, waiting):
+    """Holds an exclusive OS lock on the file `lock` while the block runs, printing `waiting` if another process
+    holds it first. The OS drops the lock when its holder exits, killed or not. Where there is no fcntl (Windows),
+    there is no lock."""
+    with open(lock, "a") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(waiting, flush=True)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def transfer(url, part, size, digest, limit, tries, put):
+    """download's HTTP loop: appends url's bytes to the file `part` until it is whole (or holds `limit` bytes),
+    continuing after dropped connections. Returns the size and digest to check it against, the server's where none
+    was given."""
     stalls, total = 0, None
     while True:
         have = part.stat().st_size if part.exists() else 0
@@ -217,7 +258,7 @@ def download(url, path, size=None, digest=None, limit=0, tries=5, put=None):
             have = 0
             total = int(response.headers["Content-Length"]) if response.headers.get("Content-Length") else None
         want = min(limit, total) if limit and total else (limit or total)
-        progress, before = Progress(path.name, want, done=have), have
+        progress, before = Progress(part.stem, want, done=have), have
         try:
             with response, open(part, "ab" if have else "wb") as f:
                 while not want or have < want:
@@ -237,14 +278,7 @@ def download(url, path, size=None, digest=None, limit=0, tries=5, put=None):
             raise DataError(f"the connection to {url} kept dropping ({have:,} of {want:,} bytes); run again to "
                              f"continue, pass --url=..., or put the file at {put}")
         print(f"connection dropped at {have:,} of {want:,} bytes; continuing", flush=True)
-    if size and not limit and part.stat().st_size != size:
-        reject(part, f"{url} gave {part.stat().st_size:,} bytes, not the {size:,} published")
-    if digest and not limit:
-        algorithm, expected = digest.split(":")
-        if file_digest(part, algorithm) != expected:
-            reject(part, f"{url} does not match its published {algorithm}")
-    os.replace(part, path)
-    return path
+    return size, digest
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ import re
 import struct
 import sys
 import threading
+import time
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -24,11 +26,12 @@ from test_cli import TINY
 
 class Server:
     """Serves `files` (name -> bytes) on 127.0.0.1 with HTTP Range support. `drop` names files whose first full
-    transfer is cut halfway (the connection closed); `redirect` maps a name to (target name, extra headers) sent
-    with a 302; `requests` records every (path, Range header)."""
+    transfer is cut halfway (the connection closed); `slow` names files sent in 16 KiB pieces 10 ms apart;
+    `redirect` maps a name to (target name, extra headers) sent with a 302; `requests` records every (path, Range
+    header)."""
 
     def __init__(self):
-        self.files, self.drop, self.redirect, self.requests = {}, set(), {}, []
+        self.files, self.drop, self.slow, self.redirect, self.requests = {}, set(), set(), {}, []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -67,7 +70,12 @@ class Server:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                self.wfile.write(body[start:end])
+                step = 1 << 14 if name in server.slow else end - start
+                for i in range(start, end, max(1, step)):
+                    self.wfile.write(body[i: min(end, i + step)])
+                    if name in server.slow:
+                        self.wfile.flush()
+                        time.sleep(0.01)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
@@ -126,6 +134,21 @@ def test_download_checks_what_the_server_publishes(tmp_path, server):
     assert (tmp_path / "bad.txt.part.bad").exists() and not (tmp_path / "bad.txt").exists()
     with pytest.raises(data.DataError, match="not the 10 published"):
         data.download(server.url + "cdn/f.txt", tmp_path / "short.txt", size=10)
+
+
+def test_two_processes_downloading_one_file_take_turns(tmp_path, server):
+    """The text race's two lanes prepare the same corpus at once on a fresh clone: both fetch the same file. Without
+    turns both write the same .part file and one of them fails or keeps a garbled copy."""
+    body = bytes(range(256)) * 1024  # 16 pieces of 16 KiB, 10 ms apart
+    server.files["f.bin"] = body
+    server.slow.add("f.bin")
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(data.download, server.url + "f.bin", tmp_path / "f.bin", digest=digest) for _ in range(2)]
+        paths = [run.result() for run in runs]
+    assert paths == [tmp_path / "f.bin"] * 2 and paths[0].read_bytes() == body
+    assert len(server.requests) == 1  # the second found the file the first fetched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 
 
 def test_offline_gives_one_clear_line(tmp_path):
