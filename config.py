@@ -363,5 +363,8 @@ def check_config(cfg):
     if cfg.method in ("bptt", "tbptt") and cfg.init_from not in ("scratch", "resume"):
         raise UsageError(f"--method={cfg.method} has no teacher to take from --init_from={cfg.init_from}: pass "
                          "--init_from=scratch or resume")
+    if cfg.dmt_readout_grad and cfg.freeze == "rnn":
+        raise UsageError("--dmt_readout_grad=True trains the RNN's step, which --freeze=rnn holds fixed: "
+                         "pass one of them")
     if cfg.overwrite and cfg.init_from == "resume":
         raise UsageError("--overwrite=True starts afresh; --init_from=resume continues the run: pass one of them")

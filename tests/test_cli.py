@@ -176,6 +176,7 @@ def test_curriculum_ramp_widens_the_gaps_a_byte_at_a_time(tmp_path):
     (["--dataset=longrange", "--gap=8", "--curriculum_gap=4", "--curriculum_ramp=0.6"], "--curriculum_ramp=0.6 must be"),
     (["--init_from=resume"], "nothing to resume"),
     (["--method=dmt"], "--init_from=<its out_dir>"),
+    (["--dmt_readout_grad=True", "--freeze=rnn"], "which --freeze=rnn holds fixed"),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, text_file, args, message):
     (tmp_path / "EMPTY").write_bytes(b"")
