@@ -10,7 +10,8 @@
     python bench.py --suite=images       # the same on 14x14 black-and-white digits, then digits drawn and completed
     python bench.py --suite=longrange    # the same on the long-range text probe at gaps 16 and 32: recall per kind
     python bench.py --suite=recall --run=out/lr --lengths=16,32   # a trained long-range run scored at other gaps,
-                                         # teacher and RNN, and how many bytes back their memories name what they read
+                                         # teacher and RNN, how many bytes back their memories name what they read,
+                                         # and along which directions of its teacher's memories the RNN errs
     python bench.py --suite=gpu          # CUDA: SMT and BPTT steps at the paper's shapes (time, tokens/s, MFU,
                                          # peak memory), one evaluation, generation graphed vs plain (< 7 min, H200)
     python bench.py --suite=scaling --device=cuda     # the timing suites on a GPU (synchronised timing)
@@ -661,7 +662,8 @@ def recall(cfg, gaps):
     memory) and its teacher (from its own memories) name. Then, at the run's own gap, the memories' record of what
     they read: at every position, whether the decoder's past-target query names the byte s back (Decoder.far at
     offset -s), from the teacher's memories and from the RNN's own; for runs with past targets only. It means
-    something after SMT; DMT retrains the readout, which is the decoder's head, on next bytes only."""
+    something after SMT; DMT retrains the readout, which is the decoder's head, on next bytes only. Last, where the
+    RNN's memories part from the teacher's, direction by direction (direction_record)."""
     if not cfg.run:
         raise UsageError("--suite=recall scores a trained long-range run: give its out_dir, --run=out/NAME")
     if not (Path(cfg.run) / "ckpt.pt").is_file():
@@ -680,6 +682,37 @@ def recall(cfg, gaps):
         x, _ = held_out_episodes(run, run.gap, cfg.episodes, cfg.seed)
         for memories, named in memory_record(model, x, [s for s in BYTES_BACK if s < x.size(1)]).items():
             emit(cfg, suite="recall", gap=run.gap, memories=memories, **{f"back_{s}": v for s, v in named.items()})
+    if model.encoder is not None:
+        x, y = held_out_episodes(run, run.gap, cfg.episodes, cfg.seed)
+        for band, record in direction_record(model, x, y).items():
+            emit(cfg, suite="recall", gap=run.gap, directions=band, **record)
+
+
+@torch.no_grad()
+def direction_record(model, x, y):
+    """Where the RNN's memories part from its teacher's, in the principal directions of the teacher's memories (over
+    every position of x): for the leading eighth of the directions, the next three eighths, the last half, and all,
+    {"0-32": {variance: the share of the variance they hold; rollout_error and step_error: the RNN's error in them,
+    as a share of that variance, along its own run from m_empty and one step from the teacher's previous memory;
+    patched_acc: the share of answer bytes the readout names from the RNN's own memories with their coordinates in
+    those directions replaced by the teacher's}}. With all of them replaced the memories are the teacher's."""
+    B, L = x.shape
+    teacher = model.memories(x, torch.arange(-1, L))  # m_empty, m_0 .. m_{L-1}
+    own = torch.stack([m for _, m in smt.rollout(model, model.empty(B), x)], dim=1)
+    one_step = model.step(teacher[:, :-1].flatten(0, 1), x.reshape(-1)).view_as(own)
+    t, r, s = (m.flatten(2).float() for m in (teacher[:, 1:], own, one_step))
+    Z = t.size(-1)
+    var, basis = torch.linalg.eigh(torch.cov(t.reshape(-1, Z).T))
+    var, basis = var.clamp(min=0).flip(0), basis.flip(1)  # the leading directions first
+    record = {}
+    for a, b in ((0, Z // 8), (Z // 8, Z // 2), (Z // 2, Z), (0, Z)):
+        band = basis[:, a:b]
+        error = lambda m: (((m - t) @ band) ** 2).mean(dim=(0, 1)).sum().item() / var[a:b].sum().clamp(min=1e-12)
+        patched = r + ((t - r) @ band) @ band.T
+        logits = model.readout(patched.view_as(own).flatten(0, 1)).view(B, L, -1)
+        record[f"{a}-{b}"] = dict(variance=(var[a:b].sum() / var.sum()).item(), rollout_error=float(error(r)),
+                                  step_error=float(error(s)), patched_acc=smt.accuracy(logits, y, whole=False))
+    return record
 
 
 def held_out_episodes(run, gap, episodes, seed):

@@ -14,7 +14,8 @@ import torch
 
 import bench
 import data
-from conftest import run
+import smt
+from conftest import run, tiny_model
 from config import UsageError
 from test_data import idx_images, server  # noqa: F401  (a fixture)
 
@@ -191,6 +192,28 @@ def test_recall_scores_a_trained_run_as_train_py_does(tmp_path):
     record = {r["memories"]: r for r in out if "back_1" in r}
     assert set(record) == {"rnn", "teacher"} and all(r["gap"] == 8 for r in record.values())
     assert all(0 <= r[f"back_{s}"] <= 1 for r in record.values() for s in bench.BYTES_BACK if s < 31)
+    assert {r["directions"] for r in out if "directions" in r} == {"0-32", "32-128", "128-256", "0-256"}
+
+
+def test_direction_record_splits_the_rnns_error_and_patches_it_by_direction():
+    """On an untrained model (32 memory coordinates), with answers set to what the teacher's readout names: the
+    bands' shares of the variance add up to 1; over all directions the errors are the plain squared distances over
+    the variance (a rotation keeps them); patched in all directions the RNN's memories are the teacher's (every
+    answer named), in the leading eighth alone they are not."""
+    model = tiny_model(mem_tokens=2, d_model=16).eval()
+    x = torch.randint(0, 32, (64, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        teacher = model.memories(x, torch.arange(12)).flatten(2)
+        y = model.readout(teacher.view(-1, 2, 16)).argmax(-1).view(64, 12)
+        own = torch.stack([m for _, m in smt.rollout(model, model.empty(64), x)], dim=1).flatten(2)
+    assert smt.accuracy(smt.rnn_logits(model, x), y, whole=False) < 0.5
+    record = bench.direction_record(model, x, y)
+    assert list(record) == ["0-4", "4-16", "16-32", "0-32"]
+    assert sum(record[b]["variance"] for b in ("0-4", "4-16", "16-32")) == pytest.approx(1, abs=1e-5)
+    variance = torch.cov(teacher.reshape(-1, 32).T).trace()
+    assert record["0-32"]["rollout_error"] == pytest.approx((((own - teacher) ** 2).sum(-1).mean() / variance).item(),
+                                                            rel=1e-3)
+    assert record["0-32"]["patched_acc"] == 1.0 and record["0-4"]["patched_acc"] < 0.9
 
 
 class ShiftRegister(torch.nn.Module):
