@@ -707,11 +707,11 @@ def direction_record(model, x, y):
     record = {}
     for a, b in ((0, Z // 8), (Z // 8, Z // 2), (Z // 2, Z), (0, Z)):
         band = basis[:, a:b]
-        error = lambda m: (((m - t) @ band) ** 2).mean(dim=(0, 1)).sum().item() / var[a:b].sum().clamp(min=1e-12)
+        error = lambda m: ((((m - t) @ band) ** 2).mean(dim=(0, 1)).sum() / var[a:b].sum().clamp(min=1e-12)).item()
         patched = r + ((t - r) @ band) @ band.T
         logits = model.readout(patched.view_as(own).flatten(0, 1)).view(B, L, -1)
-        record[f"{a}-{b}"] = dict(variance=(var[a:b].sum() / var.sum()).item(), rollout_error=float(error(r)),
-                                  step_error=float(error(s)), patched_acc=smt.accuracy(logits, y, whole=False))
+        record[f"{a}-{b}"] = dict(variance=(var[a:b].sum() / var.sum()).item(), rollout_error=error(r),
+                                  step_error=error(s), patched_acc=smt.accuracy(logits, y, whole=False))
     return record
 
 
