@@ -678,14 +678,14 @@ def recall(cfg, gaps):
             emit(cfg, suite="recall", gap=gap, memories=memories, acc=smt.accuracy(logits, y, whole=False),
                  whole_acc=smt.accuracy(logits, y, whole=True), **accuracy_by_kind(logits, x, y),
                  episodes=cfg.episodes)
-    if run.past_targets and model.encoder is not None:
-        x, _ = held_out_episodes(run, run.gap, cfg.episodes, cfg.seed)
+    if model.encoder is None:
+        return
+    x, y = held_out_episodes(run, run.gap, cfg.episodes, cfg.seed)
+    if run.past_targets:
         for memories, named in memory_record(model, x, [s for s in BYTES_BACK if s < x.size(1)]).items():
             emit(cfg, suite="recall", gap=run.gap, memories=memories, **{f"back_{s}": v for s, v in named.items()})
-    if model.encoder is not None:
-        x, y = held_out_episodes(run, run.gap, cfg.episodes, cfg.seed)
-        for band, record in direction_record(model, x, y).items():
-            emit(cfg, suite="recall", gap=run.gap, directions=band, **record)
+    for band, record in direction_record(model, x, y).items():
+        emit(cfg, suite="recall", gap=run.gap, directions=band, **record)
 
 
 @torch.no_grad()
