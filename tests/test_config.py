@@ -137,6 +137,17 @@ def test_bptt_decays_its_learning_rate_by_default():
     assert load_config(["--method=smt", "--device=cpu"])[0].lr_schedule == "constant"
 
 
+def test_dmt_trains_the_rnns_step_through_the_readout_unless_the_rnn_is_frozen():
+    """The readout's CE reaches the RNN's step by default; a frozen RNN turns it off by itself, and only asking for
+    both at once is refused (check_config)."""
+    assert load_config(["--method=dmt", "--init_from=x"])[0].dmt_readout_grad is True
+    assert load_config(["--method=dmt", "--init_from=x", "--freeze=rnn"])[0].dmt_readout_grad is False
+    assert load_config(["--method=dmt", "--dmt_readout_grad=False"])[0].dmt_readout_grad is False
+    both, _ = load_config(["--method=dmt", "--init_from=x", "--freeze=rnn", "--dmt_readout_grad=True"])
+    with pytest.raises(UsageError, match="which --freeze=rnn holds fixed"):
+        config.check_config(both)
+
+
 def test_a_cpu_trains_a_few_transitions_a_step_a_gpu_and_the_probes_all():
     """8 random transitions a step is a CPU default (cheap steps); on CUDA every transition costs little more than one,
     and the probes' results were measured training all."""
