@@ -240,7 +240,7 @@ class Config:
     dmt_every: int = 1  # k: a dynamics target every k steps (paper: 16; every step did better on CPU, docs/results.md)
     dmt_coef_dyn: float = 10.0  # weight of the dynamics loss along the RNN's own run
     dmt_coef_unif: float = 0.01  # weight of the uniformity loss
-    dmt_coef_readout: float = 1.0  # readout CE on the RNN's own (detached) memory; 0 disables
+    dmt_coef_readout: float = 1.0  # readout CE on the RNN's step from its own (detached) memory; 0 disables
     dmt_readout_grad: bool = True  # that CE also trains the RNN's step into the memory it reads (one step); off
     #                                 with --freeze=rnn. Same bits/byte on Shakespeare, more recall (docs/long-range.md)
 
