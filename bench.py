@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 import smt
 from checkpoint import load_checkpoint, load_weights
-from config import CUDA_DEFAULTS, Config, UsageError, known_settings, options_help, parse_overrides, run_cli
+from cli import UsageError, options_help, parse_overrides, run_cli
+from config import CUDA_DEFAULTS, Config, known_settings
 from data import PROBES, Probe, TextProbe
 
 SUITES = ("scaling", "throughput", "inference", "gradients", "probes", "text", "images", "longrange", "recall", "gpu")
@@ -147,8 +148,8 @@ class Trainer:
     GPU, autocast to cfg.dtype; with compile=True each part torch.compile'd as train.py does)."""
 
     def __init__(self, cfg, device=torch.device("cpu"), compile=False):
-        self.cfg, self.loss_fn, self.device = cfg, smt.LOSSES[cfg.method], device
-        self.model = build(cfg, with_encoder=cfg.method == "smt").to(device)
+        self.cfg, self.loss_fn, self.device = cfg, smt.METHODS[cfg.method].loss, device
+        self.model = build(cfg, with_encoder=smt.METHODS[cfg.method].teacher).to(device)
         self.model.set_act_ckpt(cfg.act_ckpt)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
@@ -566,7 +567,7 @@ def load_run(run_dir):
     """A finished run's settings (a Config) and its model, teacher included unless it trained BPTT."""
     ckpt = load_checkpoint(run_dir / "ckpt.pt", "the run failed")
     run = Config(**known_settings(ckpt["config"]))
-    model = smt.build_model(ckpt["config"], ckpt["meta"]["vocab_size"], with_encoder=run.method != "bptt")
+    model = smt.build_model(ckpt["config"], ckpt["meta"]["vocab_size"], with_encoder=smt.METHODS[run.method].teacher)
     load_weights(model, ckpt["model"], run_dir / "ckpt.pt")
     return run, model
 
@@ -660,7 +661,7 @@ def recall(cfg, gaps):
     """A trained long-range run (--run) scored without training, on --episodes held-out episodes at each gap: the
     share of answer bytes, of whole answers and of answer bytes of each kind that the RNN alone (from its empty
     memory) and its teacher (from its own memories) name. Then, at the run's own gap, the memories' record of what
-    they read: at every position, whether the decoder's past-target query names the byte s back (Decoder.far at
+    they read: at every position, whether the decoder's past-target query names the byte s back (Decoder.at_offsets at
     offset -s), from the teacher's memories and from the RNN's own; for runs with past targets only. It means
     something after SMT; DMT retrains the readout, which is the decoder's head, on next bytes only. Last, where the
     RNN's memories part from the teacher's, direction by direction (direction_record)."""
@@ -741,7 +742,7 @@ def memory_record(model, x, distances):
                     rnn=torch.stack([m for _, m in smt.rollout(model, model.empty(B), x)], dim=1))
     record = {}
     for name, m in memories.items():
-        named = model.decoder.far(m.flatten(0, 1), offsets).argmax(-1).view(B, L, -1)
+        named = model.decoder.at_offsets(m.flatten(0, 1), offsets).argmax(-1).view(B, L, -1)
         record[name] = {}
         for i, s in enumerate(distances):  # named[:, t, i] against x[:, t - s + 1]
             record[name][s] = (named[:, s - 1:, i] == x[:, : L - s + 1]).float().mean().item()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from config import Config, UsageError
+from cli import UsageError
+from config import Config
 
 RUN_FILES = ("ckpt.pt", "rnn.pt", "log.jsonl")  # a folder holding any of these holds a run
 

@@ -5,14 +5,9 @@ batch so RAM never grows) and meta.json (vocab_size, dtype, tokenizer). Preparat
 output, and atomically: a folder appears complete or not at all. Downloads resume where they stopped, and two
 processes fetching the same file take turns.
 
-    python data.py shakespeare                        # prepare a dataset; prints where it went and how big it is
-    python data.py tinystories --max_bytes=20000000   # the first 20 MB of TinyStories
-    python data.py mnist                              # MNIST as pixels, 784 tokens per image
-    python data.py mnist5k --image_size=14 --binarize=True   # 5,000 digits, 14x14, black or white (vocab 2)
-    python data.py notes/ --tokenizer=gpt2            # any text file or folder, here as GPT-2 BPE tokens
 The probes (retrieval, copy, stack, keys_values, modular, parity) and the long-range text probe (longrange) need
-no preparation: they are generated per batch.
-This module imports nothing of the project's own; its command line uses config.py's helpers.
+no preparation: they are generated per batch. prepare.py is the command line; this module imports nothing of the
+project's own.
 """
 import codecs
 import contextlib
@@ -739,15 +734,14 @@ class TextProbe:
     model). Split 'val': one episode from position 0, filler after it, y = -1 except at the answer bytes, so that
     train.py's evaluation scores the RNN at the answers only (rnn_acc per letter, rnn_whole_acc per answer).
     With min_gap, training episodes draw their gap from [min_gap, gap]: a memory cannot tell when the fact will be
-    asked for, as in real text, so it must keep it all along (scoring stays at gap). Training gaps reach up to
-    `widest`, which is gap unless a curriculum (train.py) holds it lower for a while."""
+    asked for, as in real text, so it must keep it all along (scoring stays at gap)."""
 
     def __init__(self, cfg, batch_size, seed=0, rank=0, device="cpu"):
         if cfg.gap < 1:
             raise DataError(f"--gap must be positive, not {cfg.gap}")
         if not 0 <= cfg.min_gap <= cfg.gap:
             raise DataError(f"--min_gap must be in [1, --gap={cfg.gap}] (or 0: every gap is --gap), not {cfg.min_gap}")
-        self.gap, self.min_gap, self.widest = cfg.gap, cfg.min_gap or cfg.gap, cfg.gap
+        self.gap, self.min_gap = cfg.gap, cfg.min_gap or cfg.gap
         self.batch_size, self.device = batch_size, device
         self.seq_len = self.longest(cfg.gap) + 1
         self.meta = dict(vocab_size=256, dtype="uint8", tokenizer="bytes", task=cfg.dataset, gap=cfg.gap,
@@ -767,12 +761,11 @@ class TextProbe:
         return (" " + " ".join(words))[:n]
 
     def draw_gap(self, split, g):
-        """Training episodes spread over [min_gap, widest] when min_gap says so (else all at widest); held-out ones
-        are always at gap."""
-        if split != "train":
+        """Training episodes spread over [min_gap, gap] when min_gap says so (else all at gap); held-out ones are
+        always at gap."""
+        if split != "train" or self.min_gap == self.gap:
             return self.gap
-        low = min(self.min_gap, self.widest)
-        return low + self.pick(1, g, self.widest - low + 1)[0] if low < self.widest else self.widest
+        return self.min_gap + self.pick(1, g, self.gap - self.min_gap + 1)[0]
 
     def episode(self, g, gap):
         """One episode with `gap` bytes of filler: its text and where its answer starts and ends (a byte range)."""
@@ -809,33 +802,3 @@ class TextProbe:
                 ys.append(torch.full((L,), -1))
                 ys[-1][a - 1: b - 1] = row[a:b]
         return torch.stack(rows).to(self.device), torch.stack(ys).to(self.device)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-
-def main(argv):
-    from config import parse_overrides  # the command line only: the module itself imports nothing of ours
-    cfg, _ = parse_overrides(DataConfig(), argv, positional="dataset")
-    if cfg.dataset in PROBES:
-        probe = Probe(cfg, 1)
-        x, y = probe.get("train")
-        print(f"{cfg.dataset} is generated per batch, nothing to prepare: sequences of {cfg.task_len} tokens, vocab "
-              f"{probe.meta['vocab_size']}; one of them:\nx {x[0].tolist()}\ny {y[0].tolist()}")
-        return
-    if cfg.dataset in TEXT_PROBES:
-        x, y = TextProbe(cfg, 1).get("val")
-        print(f"{cfg.dataset} is generated per batch, nothing to prepare: bytes, gap {cfg.gap}; one held-out "
-              f"episode, its answer in brackets:\n" + "".join(f"[{chr(c)}]" if t >= 0 else chr(c) for c, t in
-                                                          zip(x[0].tolist(), [-1] + y[0, :-1].tolist())))
-        return
-    folder = prepare(cfg)
-    meta = load_meta(folder)
-    size = sum((folder / f).stat().st_size for f in ("train.bin", "val.bin"))
-    print(f"{folder}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, {size / 1e6:.2f} MB, "
-          f"vocab {meta['vocab_size']} ({meta['tokenizer']})")
-
-
-if __name__ == "__main__":
-    import data  # this file as the module the rest of the project imports, so that its DataError is the one caught
-    from config import options_help, run_cli
-    run_cli(data.main, lambda: options_help(DataConfig, __doc__))

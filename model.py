@@ -1,5 +1,7 @@
 """The networks of Supervised Memory Training: teacher encoder and decoder, RNN cells, readout.
 
+The registries CELLS, ENCODERS and READOUTS (at the end of their sections) are the one place a new part is named:
+an entry there is a valid --cell, --encoder or --readout of train.py, and the tests cover it.
 Shapes used throughout: a memory m is (N, K, d): K memory tokens of width d, each RMS-normalised, so the memory
 holds Z = K * d numbers. Position t means "after reading x_0..x_t"; t = -1 is the empty memory m_empty.
 This file imports nothing of the project's own.
@@ -11,10 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
-
-CELLS = ("transformer", "mlp", "gru", "lstm", "elman")
-ENCODERS = ("causal", "window")
-READOUTS = ("decoder", "linear")
 
 
 def rms(x):
@@ -189,6 +187,9 @@ class CausalEncoder(nn.Module):
         return rms(r).view(B, P, K, -1)
 
 
+ENCODERS = dict(causal=CausalEncoder, window=WindowEncoder)  # (vocab_size, d, n_heads, depth, mem_tokens, context_len)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 class Decoder(nn.Module):
@@ -208,7 +209,7 @@ class Decoder(nn.Module):
         out = self.body(seq, torch.arange(seq.size(1), device=m.device), causal=True)
         return self.head(out[:, K - 1:])
 
-    def far(self, m, offsets):
+    def at_offsets(self, m, offsets):
         """Predictions of y_{t+r} from m_t alone, for each offset r in offsets (R,; r < 0: a byte already read):
         m (N, K, d) -> logits (N, R, vocab). Each query is a copy of the last memory token placed where y_{t+r}
         would be read off in forward (position K - 1 + r), so rotary positions tell the decoder the distance; the
@@ -228,6 +229,10 @@ class LinearReadout(nn.Module):
 
     def forward(self, m):
         return self.head(m.flatten(1))
+
+
+READOUTS = dict(decoder=None, linear=LinearReadout)  # (vocab_size, d, mem_tokens) -> g(m); None: the decoder's
+#                                                      first prediction, read off the memory alone (the paper's)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,7 +305,8 @@ class ElmanCell(nn.Module):
         return rms(torch.tanh(self.w(m.flatten(1)) + self.u(e)).view_as(m))
 
 
-CELL_CLASSES = dict(transformer=TransformerCell, mlp=MLPCell, gru=GRUCell, lstm=LSTMCell, elman=ElmanCell)
+CELLS = dict(transformer=TransformerCell, mlp=MLPCell, gru=GRUCell, lstm=LSTMCell, elman=ElmanCell)  # (d, n_heads,
+#   depth, mem_tokens) -> a module f(m, e) -> m'; each must return RMS-normalised memory tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,7 +315,7 @@ class SMTModel(nn.Module):
     """Teacher (encoder + decoder), RNN (embedding + cell), m_empty and the readout.
 
     with_encoder=False builds only what the RNN needs for inference (and all that BPTT trains): the embedding, the
-    cell, m_empty and the readout. The readout is the decoder's next-token head unless readout='linear'.
+    cell, m_empty and the readout: the decoder's next-token head unless READOUTS gives a module of its own.
     """
 
     def __init__(self, vocab_size, d_model, n_heads, mem_tokens, encoder_depth, decoder_depth, rnn_depth,
@@ -317,14 +323,14 @@ class SMTModel(nn.Module):
         super().__init__()
         self.mem_tokens, self.d_model = mem_tokens, d_model
         if with_encoder:
-            enc = CausalEncoder if encoder == "causal" else WindowEncoder
-            self.encoder = enc(vocab_size, d_model, n_heads, encoder_depth, mem_tokens, context_len)
+            self.encoder = ENCODERS[encoder](vocab_size, d_model, n_heads, encoder_depth, mem_tokens, context_len)
         else:
             self.encoder = None
         self.decoder = Decoder(vocab_size, d_model, n_heads, decoder_depth)
-        self.readout_head = LinearReadout(vocab_size, d_model, mem_tokens) if readout == "linear" else None
+        head = READOUTS[readout]
+        self.readout_head = head(vocab_size, d_model, mem_tokens) if head is not None else None
         self.rnn_embed = nn.Embedding(vocab_size, d_model)
-        self.cell = CELL_CLASSES[cell](d_model, n_heads, rnn_depth, mem_tokens)
+        self.cell = CELLS[cell](d_model, n_heads, rnn_depth, mem_tokens)
         self.m_empty = nn.Parameter(rms(torch.randn(mem_tokens, d_model)))
         self.apply(self._init)
 

@@ -16,7 +16,7 @@ import torch
 
 import smt
 from checkpoint import load_checkpoint, load_weights
-from config import UsageError, options_help, parse_overrides, run_cli
+from cli import UsageError, options_help, parse_overrides, run_cli
 from data import StreamDecoder, check_text, encode
 
 
@@ -40,7 +40,7 @@ def load_model(cfg, device):
     name = "ckpt.pt" if cfg.prime == "teacher" else "rnn.pt"
     ckpt = load_checkpoint(Path(cfg.out_dir) / name, "train first (python train.py --out_dir=...)")
     c = ckpt["config"]
-    if cfg.prime == "teacher" and c["method"] not in ("smt", "dmt"):
+    if cfg.prime == "teacher" and not smt.METHODS[c["method"]].teacher:
         raise UsageError(f"--prime=teacher needs a teacher, but {cfg.out_dir} is a {c['method']} run: "
                          "use --prime=rnn")
     vocab_size = ckpt["model"]["rnn_embed.weight"].size(0)
@@ -84,7 +84,7 @@ def sample_images(cfg, model, meta, sample, device):
     if cfg.prompt_rows:
         val = Path(meta["folder"]) / "val.bin"
         if not val.exists():
-            raise UsageError(f"the held-out images are gone from {val}: prepare the dataset again (python data.py), "
+            raise UsageError(f"the held-out images are gone from {val}: prepare the dataset again (python prepare.py), "
                              "or draw from scratch with --prompt_rows=0")
         images = np.memmap(val, dtype=np.uint8, mode="r")
         pick = torch.randint(len(images) // (H * W), (cfg.num_samples,),
@@ -116,11 +116,14 @@ def sample_images(cfg, model, meta, sample, device):
 
 @torch.no_grad()
 def main(argv):
-    cfg, _ = parse_overrides(SampleConfig(), argv)
+    cfg, given = parse_overrides(SampleConfig(), argv)
     if cfg.prime not in ("rnn", "teacher"):
         raise UsageError(f"--prime must be rnn or teacher, not '{cfg.prime}'")
-    if cfg.num_samples <= 0 or cfg.num_tokens <= 0 or cfg.top_k < 0 or cfg.temperature <= 0:
-        raise UsageError("--num_samples, --num_tokens and --temperature must be positive, --top_k not negative")
+    for key in ("num_samples", "num_tokens", "temperature"):
+        if getattr(cfg, key) <= 0:
+            raise UsageError(f"--{key} must be positive, not {getattr(cfg, key)}")
+    if cfg.top_k < 0:
+        raise UsageError(f"--top_k must be 0 (all tokens) or positive, not {cfg.top_k}")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -136,7 +139,10 @@ def main(argv):
     model, meta = load_model(cfg, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if meta["tokenizer"] == "pixels":
-        return sample_images(cfg, model, meta, sampler(cfg, generator), device)
+        if "prompt" in given:  # an image run is prompted by rows of a held-out image, not by text
+            raise UsageError(f"{cfg.out_dir} is an image run: it takes --prompt_rows, not --prompt")
+        sample_images(cfg, model, meta, sampler(cfg, generator), device)
+        return
     tokens = torch.tensor(encode(meta, prompt), dtype=torch.long, device=device)
     if cfg.prime == "teacher" and tokens.numel() == 0:
         raise UsageError("--prime=teacher needs a non-empty --prompt")

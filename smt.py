@@ -4,14 +4,17 @@ sampling share. docs/method.md explains the method and maps it onto these functi
 Indexing: x, y are (B, L) with y = -1 where there is no target (for text, y_t = x_{t+1}). The memory at position t
 has read x_0..x_t and predicts y_t; position -1 is the empty memory. A transition is (m_t, x_{t+1}) -> m_{t+1}.
 Loss functions take `cfg`, any object with the attributes they read (config.Config, train.py's settings).
+METHODS, after the losses, is the one place a training method is named: its loss and what train.py must build for it.
 """
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import CELLS, ENCODERS, READOUTS, SMTModel, rms  # noqa: F401  (re-exported for the CLIs)
+from model import SMTModel
 
 LN2 = math.log(2.0)
 CUDA_GRAPHS = True  # rollouts without gradients on CUDA replay CUDA graphs of the step (False: eager, to compare)
@@ -191,10 +194,9 @@ def smt_loss(model, x, y, cfg):
     """SMT: L = coef_dec L_dec + coef_dyn L_dyn + coef_unif L_unif, every selected transition at once.
 
     Memories come from the teacher encoder for t and t+1; the RNN makes exactly one step from the teacher's m_t, so
-    no gradient crosses more than one RNN step. cfg.detach_target stops L_dyn from shaping the encoder's targets.
-    With cfg.coef_recall, + coef_recall L_recall (recall_loss on every target memory); with cfg.far_targets or
-    cfg.past_targets, + coef_far L_far and coef_past L_past (offset_loss on far_positions of the memories); none of
-    the three is in the paper."""
+    no gradient crosses more than one RNN step, and L_dyn shapes the encoder's memories as well as the RNN (joint
+    training, as in the paper). With cfg.coef_recall, + coef_recall L_recall (recall_loss on every target memory);
+    with cfg.past_targets, + coef_past L_past (past_loss); neither is in the paper."""
     B, L = x.shape
     t = positions_for(cfg, L, x.device)  # (P,)
     P = t.numel()
@@ -209,18 +211,15 @@ def smt_loss(model, x, y, cfg):
     # memory_noise: the RNN learns to step from near the teacher's memories, not only from them (robust to drift)
     noisy = m_now + cfg.memory_noise * torch.randn_like(m_now) if cfg.memory_noise else m_now
     pred = model.step(noisy.flatten(0, 1), x[:, t + 1].reshape(-1)).view_as(m_next)
-    target = m_next.detach() if cfg.detach_target else m_next
-    dyn = dynamics_error(pred, target, m_now, cfg.dyn_weighting)
+    dyn = dynamics_error(pred, m_next, m_now, cfg.dyn_weighting)
     dec, first = decoder_loss(model, m_now[:, d], x, y, t[d], cfg.future_len, cfg.gamma)
     unif = uniformity(mem)
     loss = cfg.coef_dec * dec + cfg.coef_dyn * dyn + cfg.coef_unif * unif
     stats = dict(dec=dec.item(), dyn=dyn.item(), unif=unif.item(), teacher_bpb=first.item() / LN2)
-    for name, count, offsets, coef in (("far", cfg.far_targets, far_offsets, cfg.coef_far),
-                                       ("past", cfg.past_targets, past_offsets, cfg.coef_past)):
-        if count:
-            part = sampled_offset_loss(model, m_now, y, t, cfg, offsets)
-            loss = loss + coef * part
-            stats[name] = part.item()
+    if cfg.past_targets:
+        past = past_loss(model, m_now, y, t, cfg)
+        loss = loss + cfg.coef_past * past
+        stats["past"] = past.item()
     if cfg.coef_recall:
         recall = recall_loss(model, m_next, x[:, t + 1])
         loss = loss + cfg.coef_recall * recall
@@ -228,39 +227,24 @@ def smt_loss(model, x, y, cfg):
     return loss, stats
 
 
-def far_offsets(cfg, device):
-    """far_targets distinct offsets r in (future_len, far_horizon], drawn anew each batch (shared by its memories)."""
-    span = cfg.far_horizon - cfg.future_len
-    return cfg.future_len + 1 + torch.randperm(span, device=device)[: cfg.far_targets]
+def past_loss(model, m, y, pos, cfg):
+    """CE of naming the bytes already read from the memory alone. Of the memories m (B, P, K, d) at positions pos
+    ((P,), or (B, P) when each row has its own), past_positions drawn at random get past_targets distinct offsets s
+    in [1, past_horizon] (drawn anew each batch): target y_{t-s} = x_{t-s+1}, predicted by Decoder.at_offsets at
+    offset -s; targets before the sequence start are skipped. Each target costs a decoder query token.
 
-
-def past_offsets(cfg, device):
-    """past_targets distinct offsets r = -s, s in [1, past_horizon], drawn anew each batch: y_{t-1} is x_t, the
-    byte m_t read last."""
-    return -1 - torch.randperm(cfg.past_horizon, device=device)[: cfg.past_targets]
-
-
-def offset_loss(model, m, y, pos, offsets):
-    """CE of predicting y_{t+r} from the memory m_t alone (Decoder.far), m (B, P, K, d) at positions pos (P,), for
-    each offset r (R,); targets outside the sequence are skipped. Each memory costs R decoder query tokens.
-
-    Far targets (r > future_len): the decoder predicts only future_len tokens, so without them a memory need not keep
-    what is needed later than that (a name said again 60 bytes on). Past targets (r < 0): a memory must name the
-    bytes it read up to past_horizon back, so it carries them; the teacher would otherwise drop a fact as soon as
-    it is read and look it up again by attention where it is needed, and then the memories in between do not hold
-    it and no RNN step can carry it."""
-    L = y.size(1)
-    idx = pos[:, None] + offsets[None]  # (P, R)
-    tgt = y[:, idx.clamp(0, L - 1)].masked_fill(((idx < 0) | (idx >= L))[None], -1)
-    ce = cross_entropy(model.decoder.far(m.flatten(0, 1), offsets), tgt)  # (B * P * R,)
+    Without it a teacher may drop a fact as soon as it is read and look it up again by attention where it is needed;
+    the memories in between then do not hold it, and no RNN step can carry it. Naming what they read makes memories
+    carry it."""
+    B, L = y.shape
+    pos = pos.expand(B, -1)
+    f = torch.randperm(pos.size(1), device=pos.device)[: cfg.past_positions]
+    m, pos = m[:, f], pos[:, f]
+    offsets = -1 - torch.randperm(cfg.past_horizon, device=pos.device)[: cfg.past_targets]  # (R,)
+    idx = pos[..., None] + offsets  # (B, P, R)
+    tgt = y.gather(1, idx.clamp(0, L - 1).flatten(1)).view_as(idx).masked_fill((idx < 0) | (idx >= L), -1)
+    ce = cross_entropy(model.decoder.at_offsets(m.flatten(0, 1), offsets), tgt)  # (B * P * R,)
     return mean_bits(ce, tgt.reshape(-1)) * LN2
-
-
-def sampled_offset_loss(model, m, y, pos, cfg, draw_offsets):
-    """offset_loss on far_positions of the memories m (B, P, K, d) at pos (P,), drawn at random, with offsets from
-    draw_offsets(cfg, device): each target costs a decoder token, so not every memory gets them."""
-    f = torch.randperm(pos.numel(), device=pos.device)[: cfg.far_positions]
-    return offset_loss(model, m[:, f], y, pos[f], draw_offsets(cfg, pos.device))
 
 
 def recall_loss(model, m, tokens):
@@ -273,10 +257,9 @@ def recall_loss(model, m, tokens):
     return F.cross_entropy(logits, tokens.reshape(-1))
 
 
-def bptt_loss(model, x, y, cfg):
-    """BPTT: unroll from m_empty over the whole sequence, readout CE at every step, backprop through
-    the unroll. cfg.bptt_window = k > 0 makes it truncated BPTT: memory carried on, gradient cut every k steps."""
-    window = cfg.bptt_window if cfg.method == "tbptt" else 0
+def bptt_loss(model, x, y, cfg, window=0):
+    """BPTT: unroll from m_empty over the whole sequence, readout CE at every step, backprop through the unroll.
+    window = k > 0 makes it truncated BPTT: memory carried on, gradient cut every k steps."""
     memories = torch.stack([m for _, m in rollout(model, model.empty(x.size(0)), x, detach_every=window)], dim=1)
     ce = readout_ce(model, memories, y)
     loss = mean_bits(ce, y) * LN2
@@ -284,37 +267,58 @@ def bptt_loss(model, x, y, cfg):
 
 
 def dmt_loss(model, x, y, cfg):
-    """DMT (drift correction): start from the teacher's memory at a random t0, let the RNN run on its own memories (no
-    gradient through the unroll), and every dmt_every steps regress f(m_hat_t, x_{t+1}) onto the teacher's
-    m_{t+1}. Optional readout CE on the RNN's own memory, input detached; with cfg.dmt_readout_grad it trains that
-    step too (still one step of gradient): the memory must also serve the readout, not only resemble the teacher's.
-    With cfg.past_targets, + coef_past L_past on the RNN's step from its own memory: what the RNN reads it must keep
-    along its own run, where it drifts. The teacher (encoder) is frozen."""
+    """DMT (drift correction): each sequence starts from the teacher's memory at a random t0 of its own, the RNN runs
+    on its own memories for dmt_steps (no gradient through the unroll), and every dmt_every steps f(m_hat_t, x_{t+1})
+    is regressed onto the teacher's m_{t+1}. Optional readout CE on the RNN's step from its own memory, input
+    detached (the paper's); with cfg.dmt_readout_grad it trains that step too (still one step of gradient): the
+    memory must also serve the readout, not only resemble the teacher's. With cfg.past_targets, + coef_past L_past
+    on that step: what the RNN reads it must keep along its own run, where it drifts. The encoder is frozen."""
     B, L = x.shape
     Td = min(cfg.dmt_steps, L - 1)
     k = min(cfg.dmt_every, Td - 1)
-    t0 = int(torch.randint(-1, L - Td, (1,)))
-    with torch.no_grad():
-        teacher = model.memories(x, torch.arange(t0, t0 + Td + 1, device=x.device))  # m_{t0} .. m_{t0+Td}
-        own = [m for _, m in rollout(model, teacher[:, 0], x[:, t0 + 1: t0 + Td])]  # m_hat_{t0+1} .. m_hat_{t0+Td-1}
+    t0 = torch.randint(-1, L - Td, (B, 1), device=x.device)
+    rows = torch.arange(B, device=x.device)[:, None]
+    with torch.no_grad():  # the teacher's memories over every row's span, then each row's m_{t0} .. m_{t0+Td}
+        first = int(t0.min())
+        span = model.memories(x, torch.arange(first, int(t0.max()) + Td + 1, device=x.device))
+        teacher = span[rows, t0 - first + torch.arange(Td + 1, device=x.device)]  # (B, Td + 1, K, d)
+        read = x.gather(1, t0 + torch.arange(1, Td, device=x.device))  # x_{t0+1} .. x_{t0+Td-1}
+        own = [m for _, m in rollout(model, teacher[:, 0], read)]  # m_hat_{t0+1} .. m_hat_{t0+Td-1}
     j = torch.arange(k - 1, Td - 1, k, device=x.device)  # compare every k-th own memory (index j <-> t0+1+j)
     m_hat = torch.stack(own, dim=1)[:, j]
-    inputs = x[:, t0 + 2 + j]
-    pred = model.step(m_hat.flatten(0, 1), inputs.reshape(-1)).view_as(m_hat)
+    t = t0 + 2 + j  # (B, J): the positions of the memories the RNN steps to
+    pred = model.step(m_hat.flatten(0, 1), x.gather(1, t).reshape(-1)).view_as(m_hat)
     dyn = dynamics_error(pred, teacher[:, j + 2], teacher[:, j + 1], cfg.dyn_weighting)
     unif = uniformity(pred)
-    ce = readout_ce(model, pred if cfg.dmt_readout_grad else pred.detach(), y[:, t0 + 2 + j])
-    readout = mean_bits(ce, y[:, t0 + 2 + j]) * LN2
+    targets = y.gather(1, t)
+    ce = readout_ce(model, pred if cfg.dmt_readout_grad else pred.detach(), targets)
+    readout = mean_bits(ce, targets) * LN2
     loss = cfg.dmt_coef_dyn * dyn + cfg.dmt_coef_unif * unif + cfg.dmt_coef_readout * readout
     stats = dict(dyn=dyn.item(), unif=unif.item(), readout_bpb=readout.item() / LN2)
     if cfg.past_targets:  # the RNN's own next memory names the bytes it read (one step of gradient, as dyn)
-        past = sampled_offset_loss(model, pred, y, t0 + 2 + j, cfg, past_offsets)
+        past = past_loss(model, pred, y, t, cfg)
         loss = loss + cfg.coef_past * past
         stats["past"] = past.item()
     return loss, stats
 
 
-LOSSES = dict(smt=smt_loss, bptt=bptt_loss, tbptt=bptt_loss, dmt=dmt_loss)
+@dataclass(frozen=True)
+class Method:
+    """A training method, as train.py needs it."""
+    loss: Callable  # (model, x, y, cfg) -> (loss, {name: number to log})
+    teacher: bool  # the model has a teacher encoder (and decoder): SMT trains it, DMT reads it
+    refines: bool  # starts from a trained SMT run's model (--init_from=<its out_dir>)
+    seq_len: Callable  # cfg -> the length of one training sequence (a probe's task sets its own)
+
+
+METHODS = dict(
+    smt=Method(smt_loss, teacher=True, refines=False, seq_len=lambda cfg: cfg.context_len + cfg.future_len),
+    dmt=Method(dmt_loss, teacher=True, refines=True,
+               seq_len=lambda cfg: max(cfg.dmt_steps + 1, cfg.context_len + cfg.future_len)),
+    bptt=Method(bptt_loss, teacher=False, refines=False, seq_len=lambda cfg: cfg.seq_len),
+    tbptt=Method(lambda model, x, y, cfg: bptt_loss(model, x, y, cfg, window=cfg.bptt_window), teacher=False,
+                 refines=False, seq_len=lambda cfg: cfg.seq_len),
+)
 
 
 @torch.no_grad()

@@ -24,23 +24,20 @@ import torch.distributed as dist
 
 import smt
 from checkpoint import RUN_FILES, load_checkpoint, load_weights, save_run
-from config import (ARCH_KEYS, RNN_KEYS, UsageError, check_config, config_help, known_settings, load_config,
-                    probe_defaults, run_cli)
+from cli import UsageError, run_cli
+from config import ARCH_KEYS, RNN_KEYS, check_config, config_help, known_settings, load_config, with_defaults
 from data import DATA_KEYS, PROBES, TEXT_PROBES, Batches, Probe, TextProbe, prepare
 
 
 def train_len(cfg):
-    """Length of one training sequence."""
+    """Length of one training sequence: the method's, a probe's task, or for SMT on the long-range probe at least
+    one whole episode (fact and answer)."""
     if cfg.dataset in PROBES:
         return cfg.task_len
-    if cfg.method in ("bptt", "tbptt"):
-        return cfg.seq_len
-    horizon = max(cfg.future_len, cfg.far_horizon if cfg.far_targets else 0)
-    if cfg.method == "dmt":
-        return max(cfg.dmt_steps + 1, cfg.context_len + cfg.future_len)
-    if cfg.dataset in TEXT_PROBES:  # a window holds at least one whole episode, fact and answer
-        return max(cfg.context_len + horizon, TextProbe.longest(cfg.gap) + 1)
-    return cfg.context_len + horizon
+    length = smt.METHODS[cfg.method].seq_len(cfg)
+    if cfg.dataset in TEXT_PROBES and cfg.method == "smt":
+        return max(length, TextProbe.longest(cfg.gap) + 1)
+    return length
 
 
 def lr_at(cfg, it, elapsed):
@@ -56,11 +53,6 @@ def lr_at(cfg, it, elapsed):
     return cfg.lr / 10 + 0.5 * (cfg.lr - cfg.lr / 10) * (1 + math.cos(math.pi * progress))
 
 
-def run_share(cfg, it, elapsed):
-    """How much of the run is done: of max_iters or of time_budget, whichever ends it first."""
-    return max(it / cfg.max_iters, elapsed / cfg.time_budget if cfg.time_budget > 0 else 0.0)
-
-
 def restore(cfg, given):
     """For resume: the checkpoint and the run's config, with what the command line gives on top (the architecture
     cannot change). For dmt, or smt on a trained teacher: the SMT run's checkpoint, with its architecture and data
@@ -74,7 +66,7 @@ def restore(cfg, given):
     else:
         ckpt = load_checkpoint(Path(cfg.init_from) / "ckpt.pt", f"--init_from={cfg.init_from} must be the "
                                "out_dir of an SMT run")
-        if ckpt["config"]["method"] not in ("smt", "dmt"):
+        if not smt.METHODS[ckpt["config"]["method"]].teacher:
             raise UsageError(f"--init_from={cfg.init_from} is a {ckpt['config']['method']} run; "
                              f"{cfg.method.upper()} needs a teacher, from an SMT run")
     for key in ARCH_KEYS:
@@ -89,10 +81,8 @@ def restore(cfg, given):
     if "dataset" not in given or cfg.dataset == ckpt["config"]["dataset"]:  # dmt refines on the SMT run's data,
         arch.update({k: ckpt["config"][k] for k in DATA_KEYS  # bar what the command line changes (older runs lack
                      if k in ckpt["config"] and k not in given})  # newer keys)
-    if "dataset" not in given and arch["dataset"] in PROBES:  # what load_config would have set, had it known
-        task_len = arch.get("task_len", cfg.task_len)
-        arch.update({k: v for k, v in probe_defaults(task_len).items() if k not in given and k not in ARCH_KEYS})
-    return dataclasses.replace(cfg, **arch), ckpt
+    # the defaults that the run's own data call for (a probe's), as load_config would have set them had it known
+    return with_defaults(dataclasses.replace(cfg, **arch), given | set(arch)), ckpt
 
 
 def fresh_rnn(cfg):
@@ -152,7 +142,19 @@ def configure(argv):
     if cfg.init_from != "scratch":
         cfg, ckpt = restore(cfg, given)
         check_config(cfg)
+    if cfg.init_from == "resume":
+        check_not_spent(cfg, ckpt)
     return cfg, ckpt
+
+
+def check_not_spent(cfg, ckpt):
+    """A resumed run that has used up its iterations or its time stops here, its files untouched."""
+    if ckpt["iter"] >= cfg.max_iters:
+        raise UsageError(f"{cfg.out_dir} has done its {ckpt['iter']} iterations (--max_iters={cfg.max_iters}): "
+                         "raise --max_iters to train on")
+    if 0 < cfg.time_budget <= ckpt["elapsed"]:
+        raise UsageError(f"{cfg.out_dir} has trained {ckpt['elapsed']:.0f}s of its --time_budget="
+                         f"{cfg.time_budget:g}: raise --time_budget (total seconds, counting those) to train on")
 
 
 class Trainer:
@@ -167,7 +169,7 @@ class Trainer:
         self.build(ckpt)
         if ckpt is not None and cfg.init_from == "resume":
             self.resume(ckpt)
-        self.loss_fn = smt.LOSSES[cfg.method]
+        self.loss_fn = smt.METHODS[cfg.method].loss
         self.out = Path(cfg.out_dir)
         self.measure_and_compile()
         if self.master:
@@ -218,7 +220,7 @@ class Trainer:
     def build(self, ckpt):
         """The model (with the checkpoint's weights), what of it trains, and the optimizer."""
         cfg, vocab_size = self.cfg, self.meta["vocab_size"]
-        model = smt.build_model(dataclasses.asdict(cfg), vocab_size, cfg.method in ("smt", "dmt")).to(self.device)
+        model = smt.build_model(dataclasses.asdict(cfg), vocab_size, smt.METHODS[cfg.method].teacher).to(self.device)
         if ckpt is not None:
             source = f"{cfg.init_from} (this model: vocab {vocab_size} of {cfg.dataset}, {cfg.method})"
             if fresh_rnn(cfg):  # only the teacher's weights; the RNN (and a linear readout) start afresh
@@ -227,7 +229,7 @@ class Trainer:
             else:
                 load_weights(model, ckpt["model"], source)
         model.set_act_ckpt(cfg.act_ckpt)
-        if cfg.method == "dmt":
+        if smt.METHODS[cfg.method].refines:  # DMT: the teacher's memories are its fixed targets
             model.encoder.requires_grad_(False)
         if cfg.freeze == "teacher" and model.encoder is not None:
             model.encoder.requires_grad_(False)
@@ -282,13 +284,14 @@ class Trainer:
               flush=True)
 
     def train(self):
-        """The loop; returns the iteration it ended at and the name of the signal that stopped it, if any."""
+        """The loop; returns the iteration it ended at and the signal that stopped it (None if none did)."""
         cfg, it = self.cfg, self.start_iter
-        if cfg.method == "dmt" and it == 0 and self.master:
+        refines = smt.METHODS[cfg.method].refines
+        if refines and it == 0 and self.master:  # the drift before refining, to compare with the drift after
             self.log_eval(0, 0.0, with_drift=True)
         stop = []  # signals received; the loop saves a checkpoint and ends at the next step
         def on_signal(signum, frame):
-            stop.append(signal.Signals(signum).name)
+            stop.append(signum)
             signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
         handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.model.train()
@@ -308,7 +311,7 @@ class Trainer:
                 t_eval, last_eval = time.time(), elapsed
                 if self.master:
                     last = it == cfg.max_iters or out_of_time
-                    self.log_eval(it, elapsed, with_drift=cfg.method == "dmt" and last)
+                    self.log_eval(it, elapsed, with_drift=refines and last)
                 self.checkpoint(it, elapsed)
                 paused = time.time() - t_eval  # evaluation does not count as training time
                 self.t_start, self.t_last = self.t_start + paused, self.t_last + paused
@@ -318,7 +321,7 @@ class Trainer:
                 break
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        return it, (stop[0] if stop else "a signal") if signalled else None
+        return it, (stop[0] if stop else signal.SIGTERM) if signalled else None  # another rank's: as SIGTERM
 
     def step(self, it, stop):
         """One optimizer step over grad_accum micro-batches; a step with a non-finite loss or gradient is skipped.
@@ -326,12 +329,11 @@ class Trainer:
         any rank: `stop` holds this one's)."""
         cfg = self.cfg
         L = train_len(cfg)
-        loss_cfg = self.widen_gaps(it) if cfg.curriculum_gap else cfg
         loss_sum, stats_sum = 0.0, {}
         for _ in range(cfg.grad_accum):
             x, y = self.batches.get("train", seq_len=L)
             with self.autocast:
-                loss, stats = self.loss_fn(self.model, x, y, loss_cfg)
+                loss, stats = self.loss_fn(self.model, x, y, cfg)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
             for k, v in stats.items():
@@ -358,23 +360,6 @@ class Trainer:
         self.seen += cfg.batch_size * cfg.grad_accum * L * self.world
         return loss_sum, stats_sum, elapsed, out_of_time, signalled
 
-    def widen_gaps(self, it):
-        """The long-range probe's curriculum: training gaps up to curriculum_gap for the first curriculum_share of
-        the run, then up to gap, in one jump or a byte at a time over the next curriculum_ramp of it. While the gaps
-        are narrower, past targets reach as many bytes less far back (a horizon far beyond the gaps kept a teacher
-        from learning to copy, docs/long-range.md). Returns the settings the losses use now."""
-        cfg = self.cfg
-        share = run_share(cfg, it, self.elapsed_before + time.time() - self.t_start)
-        widened = 1.0 if share >= cfg.curriculum_share + cfg.curriculum_ramp else (
-            0.0 if share < cfg.curriculum_share else (share - cfg.curriculum_share) / cfg.curriculum_ramp)
-        widest = cfg.curriculum_gap + math.ceil(widened * (cfg.gap - cfg.curriculum_gap))
-        horizon = max(1, cfg.past_targets, cfg.past_horizon - (cfg.gap - widest))
-        if widest != self.batches.widest and self.master:
-            print(f"iter {it}: training gaps now up to {widest} bytes" +
-                  (f", past targets up to {horizon} back" if cfg.past_targets else ""), flush=True)
-        self.batches.widest = widest
-        return cfg if widest == cfg.gap else dataclasses.replace(cfg, past_horizon=horizon)
-
     def log_line(self, it, loss, stats, elapsed):
         cfg, now = self.cfg, time.time()
         rate = self.tokens_done / (now - self.t_last)
@@ -386,8 +371,14 @@ class Trainer:
         speed = (f" | MFU {100 * speed / self.peak:.1f}%" if self.peak else f" | {speed / 1e12:.3g} TFLOP/s"
                  if self.flops else "") + (f" | peak mem {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.1f}"
                                            " GiB" if self.device.type == "cuda" else "")
-        print(f"iter {it}/{cfg.max_iters} | loss {loss:.4f} | {shown} | lr {self.lr:.2e} | "
-              f"{rate:,.0f} tok/s{speed} | {elapsed:.0f}s elapsed | ETA {max(0, eta):.0f}s"
+        last, done = f"{cfg.max_iters}", f"{elapsed:.0f}s"
+        if cfg.time_budget > 0:  # the run ends where its time does, if that comes before max_iters: an estimate
+            done += f" of {cfg.time_budget:g}s"
+            per_second = (it - self.start_iter) / max(elapsed - self.elapsed_before, 1e-9)
+            at_end = it + per_second * (cfg.time_budget - elapsed)
+            last = f"~{at_end:.0f}" if at_end < cfg.max_iters else last
+        print(f"iter {it}/{last} | loss {loss:.4f} | {shown} | lr {self.lr:.2e} | {rate:,.0f} tok/s{speed} | "
+              f"{done} | ETA {max(0, eta):.0f}s"
               + (f" | skipped {self.skipped} (non-finite)" if self.skipped else ""), flush=True)
         self.t_last, self.tokens_done = now, 0
 
@@ -417,7 +408,9 @@ class Trainer:
             save_run(self.out, dataclasses.asdict(self.cfg), self.model, self.meta, iter=it, elapsed=elapsed,
                      optimizer=self.optimizer.state_dict(), skipped=self.skipped, tokens=self.seen, rng=rngs)
 
-    def finish(self, it, signal_name):
+    def finish(self, it, signum):
+        """Closing words; returns the exit code: 128 + the signal's number if one stopped the run (130 for Ctrl-C,
+        as shells expect), else 0."""
         if self.world > 1:
             dist.destroy_process_group()
         out = self.out
@@ -425,17 +418,18 @@ class Trainer:
             kept = f"{out / 'ckpt.pt'} keeps the last good state" if (out / "ckpt.pt").exists() else "no checkpoint yet"
             raise UsageError(f"stopped at iter {it}: {self.bad_in_a_row} steps in a row had a non-finite loss or "
                              f"gradient (skipped); {kept}. Lower --lr (now {self.cfg.lr}) or check the data")
-        if self.master and signal_name:
-            print(f"stopped by {signal_name} at iter {it}: checkpoint in {out / 'ckpt.pt'}; continue with "
-                  "--init_from=resume")
+        if self.master and signum:
+            print(f"stopped by {signal.Signals(signum).name} at iter {it}: checkpoint in {out / 'ckpt.pt'}; continue "
+                  "with --init_from=resume", flush=True)
         elif self.master:
             print(f"done: {it} iterations, checkpoint in {out / 'ckpt.pt'}, RNN for sampling in {out / 'rnn.pt'}")
+        return 128 + signum if signum else 0
 
 
 def main(argv):
     try:
         trainer = Trainer(*configure(argv))
-        trainer.finish(*trainer.train())
+        return trainer.finish(*trainer.train())
     except torch.cuda.OutOfMemoryError:  # most GPUs people own have 24-48 GB: say what lowers memory
         raise UsageError("CUDA out of memory: lower --batch_size (with --grad_accum to keep the batch), set "
                          "--act_ckpt=cell (or all), or shorten --context_len/--future_len/--seq_len") from None
