@@ -122,7 +122,8 @@ def window_block_mask(q_pos, num_keys, context_len):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Teacher encoders. Both map tokens x (B, L) and positions pos (P,) in [0, L) to memories (B, P, K, d), where the
-# memory at t depends on x[max(0, t - context_len + 1) .. t] only.
+# memory at t depends on x[..t] only. The window encoder reads x[t - context_len + 1 .. t]; in the causal one each
+# attention layer looks context_len back, so its reach grows with depth (up to (depth + 1) * (context_len - 1)).
 
 class WindowEncoder(nn.Module):
     """The paper's encoder: a bidirectional Transformer over one context window plus K memory registers.

@@ -1,11 +1,11 @@
-"""train.py, sample.py and data.py end to end, as a user runs them, and their answers to bad input."""
+"""train.py, sample.py and prepare.py end to end, as a user runs them, and their answers to bad input."""
 import json
 import re
 
 import pytest
 import torch
 
-from config import UsageError
+from cli import UsageError
 from conftest import run
 from sample import main as sample_main
 from train import main as train_main
@@ -120,40 +120,6 @@ def test_dmt_refines_on_the_smt_runs_data_bar_what_the_command_line_changes(tmp_
         assert (config["gap"], config["min_gap"]) == gaps
 
 
-def test_curriculum_widens_the_gaps_partway(tmp_path):
-    """--curriculum_gap: training gaps up to it for the first curriculum_share of the run (here of max_iters), then
-    up to --gap, the past targets' horizon shorter by as many bytes until then; the log says when; a resumed run past
-    the switch stays wide."""
-    out = tmp_path / "out"
-    tiny = [a for a in TINY if not a.startswith(("--context_len", "--seq_len"))]
-    result = run("train.py", "--dataset=longrange", "--gap=8", "--min_gap=1", "--curriculum_gap=3",
-                 "--curriculum_share=0.4", "--past_targets=2", "--past_horizon=10", f"--out_dir={out}", *tiny,
-                 "--max_iters=10", "--eval_interval=5", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    switches = [line for line in result.stdout.splitlines() if "training gaps now" in line]
-    assert switches == ["iter 0: training gaps now up to 3 bytes, past targets up to 5 back",
-                        "iter 4: training gaps now up to 8 bytes, past targets up to 10 back"]
-    resumed = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=12", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "training gaps now" not in resumed.stdout
-
-
-def test_curriculum_ramp_widens_the_gaps_a_byte_at_a_time(tmp_path):
-    """--curriculum_ramp: after curriculum_share of the run the gaps widen one byte at a time, reaching --gap by
-    curriculum_share + curriculum_ramp (here of 20 iterations: from iteration 5 to 15), the past targets' horizon
-    following them."""
-    tiny = [a for a in TINY if not a.startswith(("--context_len", "--seq_len"))]
-    result = run("train.py", "--dataset=longrange", "--gap=8", "--min_gap=1", "--curriculum_gap=3",
-                 "--curriculum_share=0.25", "--curriculum_ramp=0.5", "--past_targets=2", "--past_horizon=10",
-                 f"--out_dir={tmp_path / 'out'}", *tiny, "--max_iters=20", "--eval_interval=10", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    switches = [line.split() for line in result.stdout.splitlines() if "training gaps now" in line]
-    iters = [int(words[1].rstrip(":")) for words in switches]
-    assert [int(words[7]) for words in switches] == [3, 4, 5, 6, 7, 8]
-    assert [int(words[13]) for words in switches] == [5, 6, 7, 8, 9, 10]
-    assert iters[0] == 0 and 5 < iters[1] < iters[2] < iters[3] < iters[4] < iters[5] <= 15
-
-
 @pytest.mark.parametrize("args, message", [
     (["--no_such_key=1"], "unknown option --no_such_key; --help lists the options"),
     (["--max_iter=1"], "unknown option --max_iter; did you mean --max_iters"),
@@ -170,10 +136,6 @@ def test_curriculum_ramp_widens_the_gaps_a_byte_at_a_time(tmp_path):
     (["--cell=lstm", "--mem_tokens=3"], "--mem_tokens must be even"),
     (["--positions=some"], "--positions must be 'all' or a positive number"),
     (["--past_targets=9", "--past_horizon=8"], "raise --past_horizon or lower --past_targets"),
-    (["--curriculum_gap=4"], "--curriculum_gap widens the gaps of --dataset=longrange, not of"),
-    (["--dataset=longrange", "--gap=8", "--curriculum_gap=8"], "must be at least --min_gap (and 1) and below --gap=8"),
-    (["--dataset=longrange", "--gap=8", "--curriculum_gap=4", "--curriculum_share=1"], "--curriculum_share must be"),
-    (["--dataset=longrange", "--gap=8", "--curriculum_gap=4", "--curriculum_ramp=0.6"], "--curriculum_ramp=0.6 must be"),
     (["--init_from=resume"], "nothing to resume"),
     (["--method=dmt"], "--init_from=<its out_dir>"),
     (["--dmt_readout_grad=True", "--freeze=rnn"], "which --freeze=rnn holds fixed"),
@@ -197,8 +159,8 @@ def test_sample_without_a_run(tmp_path):
     assert result.returncode == 2 and "no rnn.pt" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_data_cli_prepares_a_file(tmp_path, text_file):
-    result = run("data.py", str(text_file), f"--data_dir={tmp_path / 'data'}", cwd=tmp_path)
+def test_prepare_cli_prepares_a_file(tmp_path, text_file):
+    result = run("prepare.py", str(text_file), f"--data_dir={tmp_path / 'data'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout and "val" in result.stdout and "MB" in result.stdout
     folder = next((tmp_path / "data").glob("tiny-*"))
@@ -207,10 +169,11 @@ def test_data_cli_prepares_a_file(tmp_path, text_file):
 
 def test_overrides_take_both_spellings():
     """`--key=value` and `--key value` (the README's `python train.py --method smt`), typed by the defaults."""
-    from config import Config, UsageError, parse_overrides
-    cfg, given = parse_overrides(Config(), ["--method", "bptt", "--max_iters=5", "--lr", "0.5", "--detach_target"])
-    assert (cfg.method, cfg.max_iters, cfg.lr, cfg.detach_target) == ("bptt", 5, 0.5, True)
-    assert given == {"method", "max_iters", "lr", "detach_target"}
+    from cli import parse_overrides
+    from config import Config
+    cfg, given = parse_overrides(Config(), ["--method", "bptt", "--max_iters=5", "--lr", "0.5", "--overwrite"])
+    assert (cfg.method, cfg.max_iters, cfg.lr, cfg.overwrite) == ("bptt", 5, 0.5, True)
+    assert given == {"method", "max_iters", "lr", "overwrite"}
     with pytest.raises(UsageError, match="unknown option --nope"):
         parse_overrides(Config(), ["--nope", "1"])
     with pytest.raises(UsageError, match="cannot read argument '--method'"):
@@ -305,3 +268,65 @@ def test_train_logs_flops_and_checkpoints_activations(tmp_path, text_file):
     result = train(tmp_path, text_file, tmp_path / "out2", "--max_iters=5", "--peak_flops=1e9", "--device=cpu")
     mfu = next(line for line in result.stdout.splitlines() if line.startswith("iter 5/5")).split(" | MFU ")[1]
     assert float(mfu.split("%")[0]) > 0 and "peak mem" not in mfu
+
+
+class GatedCell(torch.nn.Module):
+    """A cell written outside model.py: m' = rms(m + tanh(W [m; e])), registered below with one entry."""
+
+    def __init__(self, d, n_heads, depth, mem_tokens):
+        super().__init__()
+        self.mix = torch.nn.Linear((mem_tokens + 1) * d, mem_tokens * d)
+
+    def forward(self, m, e):
+        from model import rms
+        return rms(m + torch.tanh(self.mix(torch.cat([m.flatten(1), e], dim=1))).view_as(m))
+
+
+def test_a_cell_registered_outside_model_py_trains_samples_and_refines(tmp_path, text_file, monkeypatch, capsys):
+    """One entry in model.CELLS makes a new --cell: SMT, BPTT and DMT train it through train.py's entry point (its
+    weights move, its losses fall), and its run samples."""
+    import model
+    monkeypatch.setitem(model.CELLS, "gated", GatedCell)
+    for method, args in (("smt", []), ("bptt", []), ("dmt", [f"--init_from={tmp_path / 'smt'}"])):
+        out = tmp_path / method
+        in_process(tmp_path, text_file, out, f"--method={method}", "--cell=gated", "--max_iters=30",
+                   "--eval_interval=30", "--lr=1e-2", *args)
+        logged = [float(line.split(" | loss ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+                  if line.startswith("iter ")]
+        assert logged[-1] < logged[0], (method, logged)
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+        assert ckpt["config"]["cell"] == "gated" and "cell.mix.weight" in ckpt["model"]
+    sample_main([f"--out_dir={tmp_path / 'dmt'}", "--num_tokens=5", "--num_samples=1", "--device=cpu"])
+    assert capsys.readouterr().out.strip()
+
+
+def test_dmt_with_a_frozen_teacher_keeps_the_teachers_readout(tmp_path, text_file):
+    """--method=dmt --freeze=teacher: only the RNN trains; the decoder, which is the RNN's readout, stays as SMT left
+    it (the paper's DMT). Without it the readout's CE retrains the decoder."""
+    smt_out = tmp_path / "smt"
+    in_process(tmp_path, text_file, smt_out, "--max_iters=4", "--eval_interval=4")
+    before = torch.load(smt_out / "ckpt.pt", weights_only=True)["model"]
+    for freeze, kept in (("teacher", True), ("none", False)):
+        out = tmp_path / freeze
+        in_process(tmp_path, text_file, out, "--method=dmt", f"--init_from={smt_out}", f"--freeze={freeze}",
+                   "--max_iters=4", "--eval_interval=4")
+        after = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+        decoder = [k for k in before if k.startswith("decoder.")]
+        assert all(torch.equal(before[k], after[k]) for k in decoder) == kept, freeze
+        assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
+        assert not torch.equal(before["cell.body.blocks.0.mlp.up.weight"], after["cell.body.blocks.0.mlp.up.weight"])
+
+
+def test_progress_shows_where_the_time_budget_ends_the_run(tmp_path, text_file):
+    """With a time budget that ends the run long before max_iters, the progress line says about where (iter N/~M)
+    and how much of the budget is spent; without a budget, max_iters."""
+    timed = train(tmp_path, text_file, tmp_path / "timed", "--max_iters=100000", "--time_budget=4",
+                  "--eval_interval=100000")
+    lines = [line for line in timed.stdout.splitlines() if line.startswith("iter ")]
+    ends = [int(re.match(r"iter \d+/~(\d+) ", line)[1]) for line in lines[:-1]]
+    last = int(lines[-1].split()[1].split("/")[0])
+    assert ends and all(end < 100000 for end in ends) and 0.3 * last < ends[-1] < 3 * last, lines
+    assert all(re.search(r"\| \d+s of 4s \| ETA \d+s", line) for line in lines), lines
+    untimed = train(tmp_path, text_file, tmp_path / "untimed", "--max_iters=10", "--time_budget=0")
+    assert [line.split(" | ")[0] for line in untimed.stdout.splitlines() if line.startswith("iter ")] == \
+        ["iter 5/10", "iter 10/10"]

@@ -1,4 +1,4 @@
-"""config.py: every CLI's --help, the answers to misspelt options, the defaults that depend on the device and method,
+"""config.py and cli.py: every CLI's --help, the answers to misspelt options, the defaults that depend on the device and method,
 and the direction of imports between the project's files."""
 import ast
 import dataclasses
@@ -10,14 +10,16 @@ import sys
 import pytest
 
 import bench
+import cli
 import config
 import data
 import sample
 import train
-from config import Config, UsageError, load_config, parse_overrides
+from cli import UsageError, parse_overrides
+from config import Config, load_config
 from conftest import ROOT, run
 
-CLIS = {"train.py": Config, "sample.py": sample.SampleConfig, "data.py": data.DataConfig,
+CLIS = {"train.py": Config, "sample.py": sample.SampleConfig, "prepare.py": data.DataConfig,
         "bench.py": bench.BenchConfig}
 
 
@@ -43,17 +45,17 @@ def test_help_lists_every_option_with_its_type_default_and_comment(tmp_path, scr
     assert list(shown) == [f.name for f in dataclasses.fields(CLIS[script])]
     for f in dataclasses.fields(CLIS[script]):
         default, kind, comment = shown[f.name]
-        assert default == config.shown(f.default) and kind == type(f.default).__name__ and comment, f.name
+        assert default == cli.shown(f.default) and kind == type(f.default).__name__ and comment, f.name
 
 
 def test_train_help_shows_the_defaults_that_apply_on_cuda_for_dmt_and_on_probes(tmp_path):
     result = run("train.py", "--help", "--max_iters=oops", cwd=tmp_path)  # help wins over what else is there
     assert result.returncode == 0
     lines = {name: comment for name, (_, _, comment) in options(result.stdout).items()}
-    assert lines["lr"].endswith("[cuda: 0.0003; dmt: 0.002; cuda dmt: 3e-05; probe dmt: 0.0003]")
+    assert lines["lr"].endswith("[cuda: 0.0003; dmt: 0.002; cuda dmt: 3e-05; probe dmt on cpu: 0.0003]")
     assert lines["context_len"].endswith("[cuda: 256; probe (task_len 64): 64]")
     assert "\nschedule and logging:\n  --max_iters=" in result.stdout  # grouped by Config's section comments
-    comments, sections = config.field_comments(Config)
+    comments, sections = cli.field_comments(Config)
     assert not any(re.search(r"(cuda|dmt): \d", c) for c in comments.values())  # said once, from the dicts
     assert sections["lr"] == "optimisation" and sections["method"] == "run"
 
@@ -68,7 +70,7 @@ def test_help_piped_into_a_reader_that_stops_early_exits_quietly():
 
 
 def test_field_comments_read_continued_comments():
-    comments, sections = config.field_comments(bench.BenchConfig)
+    comments, sections = cli.field_comments(bench.BenchConfig)
     assert comments["lengths"].startswith("comma-separated")
     assert comments["lengths"].endswith("probes: task lengths; longrange, recall: the gaps")
     assert sections["lengths"] == "" and sections["dataset"].startswith("reproductions")
@@ -100,8 +102,9 @@ def test_dmt_learning_rate_depends_on_the_device_and_the_task():
 
 
 def test_imports_flow_one_way():
-    """At module level data.py and model.py import nothing of ours, smt.py only model.py, the helpers (config.py,
-    checkpoint.py) no CLI, and no CLI another."""
+    """At module level data.py and model.py import nothing of ours, smt.py only model.py, cli.py only data.py (its
+    errors), the helpers (config.py, checkpoint.py) no CLI; no CLI imports another, no module itself, and there is
+    no cycle."""
     mine = {p.stem for p in ROOT.glob("*.py")}
     imports = {}
     for name in mine:
@@ -109,10 +112,30 @@ def test_imports_flow_one_way():
         imports[name] = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names} \
             | {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
         imports[name] &= mine
-    clis = ("train", "sample", "bench")
-    assert not any(set(clis) & found for found in imports.values())  # nothing imports a CLI
-    expected = dict(data=set(), model=set(), smt={"model"}, config={"data", "smt"}, checkpoint={"config"})
+    clis = {"train", "sample", "bench", "prepare"}
+    assert clis <= mine and not any(clis & found for found in imports.values())  # nothing imports a CLI
+    expected = dict(data=set(), model=set(), smt={"model"}, cli={"data"}, config={"cli", "data", "model", "smt"},
+                    checkpoint={"cli", "config"})
     assert {name: imports[name] for name in expected} == expected
+    reach = {name: set(found) for name, found in imports.items()}
+    for _ in mine:  # what each module imports, directly or through others
+        reach = {name: found.union(*(reach[f] for f in found)) for name, found in reach.items()}
+    assert not [name for name in mine if name in reach[name]]
+
+
+def test_every_registry_is_a_choice_in_help_and_validation(monkeypatch):
+    """A cell, encoder, readout or method named in its registry is valid for --cell, --encoder, --readout, --method
+    and listed in --help; a name in none is refused, naming the choices."""
+    import model
+    monkeypatch.setitem(model.CELLS, "mine", model.ElmanCell)
+    cfg, _ = load_config(["--cell=mine", "--device=cpu"])
+    config.check_config(cfg)
+    help_text = config.config_help("")
+    for key, registry in config.REGISTRIES.items():
+        assert f"--{key}=" in help_text and f"{' | '.join(registry)}:" in help_text, key
+    assert "transformer | mlp | gru | lstm | elman | mine:" in help_text
+    with pytest.raises(UsageError, match="--cell must be one of transformer, mlp, gru, lstm, elman, mine, not 'yours'"):
+        config.check_config(load_config(["--cell=yours", "--device=cpu"])[0])
 
 
 def test_cosine_decays_over_the_time_budget_when_it_ends_the_run_first():

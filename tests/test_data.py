@@ -1,4 +1,4 @@
-"""data.py: downloads (resumed, verified, offline), every dataset prepared and trained from the CLI with its
+"""data.py and prepare.py: downloads (resumed, verified, offline), every dataset prepared and trained from the CLI with its
 source served from a local HTTP server, the GPT-2 BPE path with a tokenizer built here, the loader."""
 import dataclasses
 import gzip
@@ -152,7 +152,7 @@ def test_two_processes_downloading_one_file_take_turns(tmp_path, server):
 
 
 def test_offline_gives_one_clear_line(tmp_path):
-    result = run("data.py", "tinystories", "--url=http://127.0.0.1:9/", f"--data_dir={tmp_path / 'data'}",
+    result = run("prepare.py", "tinystories", "--url=http://127.0.0.1:9/", f"--data_dir={tmp_path / 'data'}",
                  cwd=tmp_path)
     one_error_line(result, "could not reach http://127.0.0.1:9/TinyStoriesV2-GPT4-train.txt")
     assert "pass --url=... or put the file at" in result.stderr
@@ -224,6 +224,8 @@ def test_mnist_trains_and_samples_a_png(tmp_path, server):
     pixels = np.frombuffer(zlib.decompress(png[41: 41 + length]), np.uint8).reshape(height, width + 1)[:, 1:]
     top_left = pixels[8: 8 + 4 * 28: 4, 8: 8 + 4 * 28: 4]  # the first held-out image, shrunk back
     assert top_left.max() >= 200 and (top_left == 0).mean() > 0.5
+    prompted = run("sample.py", f"--out_dir={out}", "--prompt=ROMEO:", cwd=tmp_path)
+    one_error_line(prompted, "is an image run: it takes --prompt_rows, not --prompt")
 
 
 def test_binarized_digits_sample_black_and_white(tmp_path, server):
@@ -390,7 +392,7 @@ def test_gpt2_offline_names_the_cache(tmp_path, monkeypatch, text_file):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # nothing listens there: offline, deterministically
     monkeypatch.setenv("NO_PROXY", "")
-    result = run("data.py", str(text_file), "--tokenizer=gpt2", f"--data_dir={tmp_path / 'data'}", cwd=tmp_path)
+    result = run("prepare.py", str(text_file), "--tokenizer=gpt2", f"--data_dir={tmp_path / 'data'}", cwd=tmp_path)
     one_error_line(result, "could not load tiktoken's gpt2 files")
     assert "TIKTOKEN_CACHE_DIR" in result.stderr
     with pytest.raises(data.DataError, match="unknown tokenizer 'nope'"):
@@ -596,20 +598,13 @@ def test_longrange_min_gap_mixes_training_gaps_and_scores_at_gap():
     assert all(g == 20 for row in fixed.tolist() for g in gaps(bytes(row).decode()))
     with pytest.raises(data.DataError, match="--min_gap must be in"):
         data.TextProbe(data.DataConfig(dataset="longrange", gap=20, min_gap=21), 8)
-    mixed.widest = 9  # a curriculum holding the training gaps lower: [min_gap, widest]; held-out ones stay at gap
-    seen = [g for row in mixed.get("train", seq_len=400)[0].tolist() for g in gaps(bytes(row).decode())]
-    assert min(seen) == 3 and max(seen) == 9 and len(set(seen)) == 7
-    assert all(g == 20 for row in mixed.get("val")[0].tolist() for g in gaps(bytes(row).decode()))
-    fixed = data.TextProbe(data.DataConfig(dataset="longrange", gap=20), 64, seed=1)
-    fixed.widest = 9  # without min_gap: every training episode at widest
-    assert all(g == 9 for row in fixed.get("train", seq_len=400)[0].tolist() for g in gaps(bytes(row).decode()))
 
 
 def test_train_on_longrange_reports_answer_accuracy(tmp_path):
     out = tmp_path / "out"
     result = cli(tmp_path, "train.py", f"--out_dir={out}", *TINY, "--max_iters=3", "--eval_interval=3",
-                 "--dataset=longrange", "--gap=8", "--far_targets=2", "--far_horizon=12")
-    assert "longrange" in result.stdout and "far" in result.stdout
+                 "--dataset=longrange", "--gap=8", "--past_targets=2", "--past_horizon=12")
+    assert "longrange" in result.stdout and " past " in result.stdout
     record = evals(out)[-1]
     assert {"val_rnn_acc", "val_rnn_whole_acc", "val_teacher_acc", "val_rnn_target_bits"} <= set(record)
     assert 0 <= record["val_rnn_whole_acc"] <= record["val_rnn_acc"] <= 1

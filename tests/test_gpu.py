@@ -12,14 +12,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("method", ["smt", "bptt"])
 def test_bf16_autocast_matches_float32(method):
-    model = tiny_model(with_encoder=method == "smt").cuda()
+    model = tiny_model(with_encoder=smt.METHODS[method].teacher).cuda()
     x = torch.randint(0, 32, (4, 16), device="cuda")
     y = torch.roll(x, -1, dims=1)
     torch.manual_seed(0)
-    full, _ = smt.LOSSES[method](model, x, y, tiny_cfg(method=method, future_len=4, positions="all"))
+    full, _ = smt.METHODS[method].loss(model, x, y, tiny_cfg(method=method, future_len=4, positions="all"))
     torch.manual_seed(0)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        half, _ = smt.LOSSES[method](model, x, y, tiny_cfg(method=method, future_len=4, positions="all"))
+        half, _ = smt.METHODS[method].loss(model, x, y, tiny_cfg(method=method, future_len=4, positions="all"))
     assert abs(full.item() - half.item()) < 0.05 * abs(full.item())
 
 
@@ -109,10 +109,12 @@ def test_train_on_cuda_compiles_apart_logs_mfu_and_memory(tmp_path, text_file):
     from test_cli import TINY
     tiny = [a for a in TINY if not a.startswith("--d_model")] + ["--d_model=32"]  # heads of 16: flex compiled
     result = run("train.py", f"--dataset={text_file}", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'o'}",
-                 *tiny, "--device=cuda", "--max_iters=10", "--eval_interval=5", "--peak_flops=1e15", cwd=tmp_path)
+                 *tiny, "--device=cuda", "--max_iters=10", "--eval_interval=5", "--peak_flops=1e15", "--lr=3e-3",
+                 cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "compiled in " in result.stdout
     line = next(line for line in result.stdout.splitlines() if line.startswith("iter 10/10"))
     assert "MFU " in line and " GiB" in line
     log = [json.loads(r) for r in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in log] == [5, 10] and log[-1]["val_rnn_bpb"] < 9
+    assert [r["iter"] for r in log] == [5, 10]
+    assert log[1]["val_rnn_bpb"] < log[0]["val_rnn_bpb"]  # on a CPU at these settings: 8.6 then 6.0

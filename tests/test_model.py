@@ -3,13 +3,13 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from model import CELLS, ENCODERS, rms
+from model import CELLS, ENCODERS, READOUTS, rms
 
 TOL = 1e-5  # float32 on CPU: batched and one-at-a-time computations agree to rounding
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
-@pytest.mark.parametrize("readout", ["decoder", "linear"])
+@pytest.mark.parametrize("readout", READOUTS)
 def test_shapes(encoder, readout):
     model = tiny_model(encoder=encoder, readout=readout)
     x = torch.randint(0, 32, (3, 12))

@@ -1,5 +1,6 @@
 """Long runs: atomic checkpoints, exact resume after kill -9 or a signal, refusal of unusable checkpoints, skipped
 non-finite steps, one clear line for bad input in every CLI, and two processes through torchrun."""
+import dataclasses
 import importlib
 import json
 import math
@@ -16,7 +17,8 @@ import torch
 import checkpoint
 import smt
 import train
-from config import USER_ERRORS, UsageError
+from cli import UsageError
+from data import DataError
 from conftest import ROOT, tiny_model
 from test_cli import TINY
 
@@ -39,7 +41,7 @@ def finish(process, code=0):
 
 def losses(stdout):
     """iter -> what the training log says about it, up to the learning rate (the rest is timing)."""
-    return {int(m[1]): m[2] for m in re.finditer(r"^iter (\d+)/\d+ \| (.*?) \| lr", stdout, re.M)}
+    return {int(m[1]): m[2] for m in re.finditer(r"^iter (\d+)/~?\d+ \| (.*?) \| lr", stdout, re.M)}
 
 
 def evals(out_dir):
@@ -79,7 +81,7 @@ def test_resume_after_kill_or_signal_matches_an_uninterrupted_run(reference, how
         if line.startswith("iter 13/"):
             break
     process.send_signal(getattr(signal, how))
-    stdout = finish(process, -9 if how == "SIGKILL" else 0)
+    stdout = finish(process, dict(SIGKILL=-9, SIGTERM=143, SIGINT=130)[how])  # 128 + the signal's number
     ckpt_iter = torch.load(out / "ckpt.pt", weights_only=True)["iter"]
     if how == "SIGKILL":
         assert ckpt_iter in (10, 20, 30)
@@ -89,6 +91,26 @@ def test_resume_after_kill_or_signal_matches_an_uninterrupted_run(reference, how
     assert sorted(resumed) == list(range(ckpt_iter + 1, 41))
     assert resumed == {i: v for i, v in reference.losses.items() if i > ckpt_iter}  # the run went on exactly
     assert evals(out) == evals(reference.out) == [10, 20, 30, 40]
+
+
+@pytest.mark.parametrize("spent, args, message", [
+    ("iterations", [], "has done its 40 iterations (--max_iters=40): raise --max_iters to train on"),
+    ("time", ["--max_iters=100"], "has trained 700s of its --time_budget=600: raise --time_budget (total seconds"),
+])
+def test_resuming_a_spent_run_says_so_and_changes_nothing(reference, tmp_path, spent, args, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("ckpt.pt", "rnn.pt", "log.jsonl"):
+        (out / name).write_bytes((reference.out / name).read_bytes())
+    if spent == "time":  # as if its 40 iterations had taken 700 of its 600 seconds
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+        torch.save({**ckpt, "elapsed": 700.0}, out / "ckpt.pt")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    process = launch("--init_from=resume", f"--out_dir={out}", *args, cwd=tmp_path)
+    stderr = process.communicate(timeout=300)[1]
+    lines = stderr.strip().splitlines()
+    assert process.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {out} {message}"), stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def damage(out, case):
@@ -144,13 +166,13 @@ def test_checkpoints_of_compiled_models_load_into_plain_ones_and_back(tmp_path):
 @pytest.mark.parametrize("bad_calls, finishes", [({7, 8}, True), (set(range(8, 100)), False)])
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, text_file, monkeypatch, capsys,
                                                                  bad_calls, finishes):
-    real, calls = smt.LOSSES["smt"], []
+    real, calls = smt.METHODS["smt"].loss, []
 
     def poisoned(model, x, y, cfg):  # a NaN loss (and so NaN gradients) at the chosen training steps
         calls.append(x)
         loss, stats = real(model, x, y, cfg)
         return (loss * math.nan if len(calls) in bad_calls else loss), stats
-    monkeypatch.setitem(smt.LOSSES, "smt", poisoned)
+    monkeypatch.setitem(smt.METHODS, "smt", dataclasses.replace(smt.METHODS["smt"], loss=poisoned))
     out = tmp_path / "out"
     args = [f"--dataset={text_file}", f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}", *TINY, "--device=cpu",
             "--max_iters=15", "--eval_interval=5", "--max_bad_steps=3"]
@@ -180,8 +202,10 @@ BAD_INPUT = [
     ("train", ["--lr=1e30", "--max_bad_steps=2"], "steps in a row had a non-finite loss or gradient"),
     ("sample", ["--no_such_key=1"], "unknown option --no_such_key"),
     ("sample", ["--num_tokens=many"], "--num_tokens takes a int"),
-    ("sample", ["--num_tokens=-5"], "must be positive"),
-    ("sample", ["--temperature=0"], "must be positive"),
+    ("sample", ["--num_tokens=-5"], "--num_tokens must be positive, not -5"),
+    ("sample", ["--num_samples=0"], "--num_samples must be positive, not 0"),
+    ("sample", ["--temperature=0"], "--temperature must be positive, not 0.0"),
+    ("sample", ["--top_k=-1"], "--top_k must be 0 (all tokens) or positive, not -1"),
     ("sample", ["--prime=oracle"], "--prime must be rnn or teacher"),
     ("sample", ["--out_dir=nowhere"], "no rnn.pt in nowhere"),
     ("sample", ["--out_dir=DAMAGED"], "cannot read checkpoint"),
@@ -189,11 +213,11 @@ BAD_INPUT = [
     ("sample", ["--prompt=FILE:BINARY"], "does not look like text"),
     ("sample", ["--prompt=FILE:EMPTY"], "is empty"),
     ("sample", ["--prime=teacher", "--prompt=" + "x" * 17], "--prime=teacher reads at most context_len=16 tokens"),
-    ("data", ["--no_such_key=1"], "unknown option --no_such_key"),
-    ("data", ["--data_dir"], "cannot read argument '--data_dir'"),
-    ("data", ["missing.txt"], "unknown dataset 'missing.txt'"),
-    ("data", ["EMPTY"], "is empty"),
-    ("data", ["BINARY"], "does not look like text"),
+    ("prepare", ["--no_such_key=1"], "unknown option --no_such_key"),
+    ("prepare", ["--data_dir"], "cannot read argument '--data_dir'"),
+    ("prepare", ["missing.txt"], "unknown dataset 'missing.txt'"),
+    ("prepare", ["EMPTY"], "is empty"),
+    ("prepare", ["BINARY"], "does not look like text"),
 ]
 
 
@@ -212,14 +236,14 @@ def test_bad_input_gives_one_clear_line_in_every_cli(reference, tmp_path, monkey
     data_dir = f"--data_dir={tmp_path / 'data'}"
     common = dict(train=[f"--dataset={reference.root / 'text.txt'}", data_dir, f"--out_dir={tmp_path / 'out'}", *TINY,
                          "--device=cpu", "--max_iters=5"],
-                  sample=[f"--out_dir={reference.out}", "--num_tokens=5", "--device=cpu"], data=[data_dir])[cli]
+                  sample=[f"--out_dir={reference.out}", "--num_tokens=5", "--device=cpu"], prepare=[data_dir])[cli]
     monkeypatch.chdir(tmp_path)  # relative paths (nowhere, missing.txt) stay relative in the messages
-    with pytest.raises(USER_ERRORS) as error:
+    with pytest.raises((UsageError, DataError)) as error:
         importlib.import_module(cli).main([*common, *args])
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("cli", ["train.py", "sample.py", "data.py"])
+@pytest.mark.parametrize("cli", ["train.py", "sample.py", "prepare.py"])
 def test_cli_turns_bad_input_into_one_line_and_exit_code_2(tmp_path, cli):
     process = launch("--no_such_key=1", cwd=tmp_path, launcher=(cli,))
     stderr = process.communicate(timeout=300)[1]
@@ -229,15 +253,14 @@ def test_cli_turns_bad_input_into_one_line_and_exit_code_2(tmp_path, cli):
 
 SPY = """import os, sys
 sys.path.insert(0, {root!r})
-import torch, smt, train
-from config import run_cli
-real, seen = smt.LOSSES["smt"], {{}}
+import dataclasses, torch, smt, train
+real, seen = smt.METHODS["smt"].loss, {{}}
 def spy(model, x, y, cfg):
     seen.setdefault("model", model)
     seen.setdefault("batch", x.clone())
     return real(model, x, y, cfg)
-smt.LOSSES["smt"] = spy
-run_cli(train.main)
+smt.METHODS["smt"] = dataclasses.replace(smt.METHODS["smt"], loss=spy)
+train.main(sys.argv[1:])
 torch.save(dict(model=seen["model"].state_dict(), batch=seen["batch"]), {out!r} + f"/rank{{os.environ['RANK']}}.pt")
 """
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import smt
 from conftest import tiny_cfg, tiny_model
-from model import CELLS, ENCODERS
+from model import CELLS, ENCODERS, READOUTS
 
 
 def record_cell_calls(model):
@@ -72,7 +72,7 @@ def test_tbptt_cuts_every_window():
     model = tiny_model(with_encoder=False)
     calls = record_cell_calls(model)
     x = torch.randint(0, 32, (2, 12))
-    smt.bptt_loss(model, x, x, tiny_cfg(method="tbptt", bptt_window=4))
+    smt.bptt_loss(model, x, x, tiny_cfg(method="tbptt"), window=4)
     assert longest_cell_chain(calls) == 4
 
 
@@ -138,10 +138,10 @@ def overfit(loss_fn, model, cfg, x, y, steps=60, lr=3e-3):
 @pytest.mark.parametrize("method", ["smt", "bptt", "tbptt"])
 def test_loss_falls_on_a_tiny_batch(method):
     torch.manual_seed(0)
-    model = tiny_model(with_encoder=method == "smt")
+    model = tiny_model(with_encoder=smt.METHODS[method].teacher)
     x = torch.randint(0, 32, (4, 16))
     y = torch.roll(x, -1, dims=1)
-    losses = overfit(smt.LOSSES[method], model, tiny_cfg(method=method, future_len=4, bptt_window=4), x, y)
+    losses = overfit(smt.METHODS[method].loss, model, tiny_cfg(method=method, future_len=4, bptt_window=4), x, y)
     assert losses[-1] < 0.6 * losses[0], losses[::10]
 
 
@@ -200,15 +200,33 @@ def test_dmt_lowers_its_loss_and_trains_only_the_rnn():
     assert all(torch.equal(a, b) for a, b in zip(encoder_before, model.encoder.parameters()))
 
 
-def test_evaluation_and_drift():
+def test_evaluation_and_drift_match_a_step_by_step_loop():
+    """evaluate_rnn's three scores and drift's per-step MSE, against the RNN stepped by hand (tolerance 1e-5)."""
     model = tiny_model()
-    x = torch.randint(0, 32, (2, 16))
+    x = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
     y = torch.roll(x, -1, dims=1)
-    stats = smt.evaluate_rnn(model, x, y, context_len=8, primed=True)
-    assert set(stats) == {"rnn_bpb", "rnn_tail_bpb", "rnn_primed_bpb"}
-    assert all(0 < v < 10 for v in stats.values())
-    d = smt.drift(model, x)
-    assert len(d) == 16 and all(v >= 0 for v in d)
+    y[0, 5] = -1  # a position without a target is left out
+    with torch.no_grad():
+        stats = smt.evaluate_rnn(model, x, y, context_len=8, primed=True)
+        teacher = model.memories(x, torch.arange(16))
+
+        def loop(m, start):
+            ces, memories = [], []
+            for t in range(start, 16):
+                m = model.step(m, x[:, t])
+                memories.append(m)
+                ces += [F.cross_entropy(model.readout(m)[b], y[b, t]) / smt.LN2 for b in range(2) if y[b, t] >= 0]
+            return ces, memories
+        ces, own = loop(model.empty(2), 0)
+        primed, _ = loop(teacher[:, 7], 8)
+        tail = [c for c, (b, t) in zip(ces, [(b, t) for t in range(16) for b in range(2) if y[b, t] >= 0]) if t >= 8]
+        by_hand = dict(rnn_bpb=torch.stack(ces).mean(), rnn_tail_bpb=torch.stack(tail).mean(),
+                       rnn_primed_bpb=torch.stack(primed).mean())
+        assert stats == pytest.approx({k: v.item() for k, v in by_hand.items()}, abs=1e-5)
+        assert len(ces) == 31 and len(tail) == 16
+        drifts = smt.drift(model, x)
+        assert drifts == pytest.approx([F.mse_loss(own[t], teacher[:, t]).item() for t in range(16)], abs=1e-6)
+        assert drifts[0] > 0  # m_empty's first step is not the teacher's m_0 in an untrained model
 
 
 def test_rollout_samples_with_constant_memory():
@@ -222,43 +240,20 @@ def test_rollout_samples_with_constant_memory():
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("readout", ["decoder", "linear"])
+@pytest.mark.parametrize("readout", READOUTS)
 def test_every_cell_works_with_every_method_and_readout(cell, readout):
     model = tiny_model(cell=cell, readout=readout)
     x = torch.randint(0, 32, (2, 14))
     y = torch.roll(x, -1, dims=1)
-    for method in ("smt", "bptt", "tbptt", "dmt"):
+    for method in smt.METHODS:
         cfg = tiny_cfg(method=method, future_len=4, bptt_window=4, dmt_steps=8, dmt_every=2)
-        loss, _ = smt.LOSSES[method](model, x, y, cfg)
+        loss, _ = smt.METHODS[method].loss(model, x, y, cfg)
         model.zero_grad()
         loss.backward()
         assert torch.isfinite(loss)
         grads = [p.grad for p in model.cell.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), (cell, readout, method)
         assert any(g.abs().sum() > 0 for g in grads)
-
-
-def test_far_targets_line_up_and_do_not_reach_the_memory():
-    """L_far scores y_{t+r} from m_t for each offset r, skips targets past the end, and m_t's far predictions are
-    the same whatever comes after t: the target cannot leak into the memory or the query."""
-    model = tiny_model()
-    x, y = torch.randint(0, 32, (2, 20)), torch.randint(0, 32, (2, 20))
-    pos, offsets = torch.tensor([-1, 4, 9]), torch.tensor([6, 11])
-    m = model.memories(x, pos)
-    logits = model.decoder.far(m.flatten(0, 1), offsets)
-    assert logits.shape == (6, 2, 32)
-    by_hand = [F.cross_entropy(logits.view(2, 3, 2, 32)[b, p, i], y[b, pos[p] + r])
-               for b in range(2) for p in range(3) for i, r in enumerate(offsets.tolist()) if pos[p] + r < 20]
-    assert len(by_hand) == 2 * 5  # t = 9, r = 11 would reach 20, past the end: skipped
-    assert torch.allclose(smt.offset_loss(model, m, y, pos, offsets), torch.stack(by_hand).mean(), atol=1e-5)
-    assert torch.isclose(smt.offset_loss(model, m, y, pos, torch.tensor([12])),  # 9 + 12 >= 20: skipped
-                         torch.stack([F.cross_entropy(model.decoder.far(m[:, p], torch.tensor([12]))[:, 0],
-                                                      y[:, pos[p] + 12]) for p in (0, 1)]).mean(), atol=1e-5)
-    later = x.clone()
-    later[:, 10:] = torch.randint(0, 32, (2, 10))  # every input after the last memory changes
-    again = model.decoder.far(model.memories(later, pos).flatten(0, 1), offsets)
-    assert torch.allclose(logits, again, atol=1e-6)
-    assert not torch.allclose(logits[:, 0], logits[:, 1])  # the distance reaches the prediction
 
 
 def smt_stat_while_overfitting(cfg, key, steps=100):
@@ -277,35 +272,34 @@ def smt_stat_while_overfitting(cfg, key, steps=100):
     return values
 
 
-def test_far_targets_train_with_smt():
-    """With far_targets, smt_loss adds L_far; on a tiny batch it falls, and far offsets stay in
-    (future_len, far_horizon]."""
-    cfg = tiny_cfg(future_len=4, far_targets=3, far_horizon=8, far_positions=6)
-    offsets = torch.stack([smt.far_offsets(cfg, "cpu") for _ in range(50)])
-    assert offsets.min() == 5 and offsets.max() == 8 and all(len(set(o)) == 3 for o in offsets.tolist())
-    far = smt_stat_while_overfitting(cfg, "far")
-    assert far[0] > 0 and sum(far[-10:]) / 10 < 0.6 * far[0], far[::10]  # offsets are drawn anew each step: noisy
-
-
 def test_past_targets_name_what_the_memory_read():
-    """A past offset r = -s scores y_{t-s} = x_{t-s+1} from m_t (r = -1: x_t, the byte m_t read last), skips targets
-    before the sequence start; past offsets stay in [-past_horizon, -1]; with past_targets smt_loss adds L_past, and
-    on a tiny batch the memories learn to name what they read."""
+    """A past offset s scores y_{t-s} = x_{t-s+1} from m_t (s = 1: x_t, the byte m_t read last) and skips targets
+    before the sequence start, with positions shared by the batch or each row's own; the memory's predictions do not
+    depend on anything read after t; with past_targets smt_loss adds L_past, and on a tiny batch the memories learn
+    to name what they read."""
     model = tiny_model()
     x = torch.randint(0, 32, (2, 20))
     y = torch.roll(x, -1, dims=1)
-    pos, offsets = torch.tensor([-1, 4, 9]), torch.tensor([-1, -6])
-    m = model.memories(x, pos)
-    logits = model.decoder.far(m.flatten(0, 1), offsets).view(2, 3, 2, 32)
-    by_hand = [F.cross_entropy(logits[b, p, i], x[b, pos[p] + r + 1])
-               for b in range(2) for p in range(3) for i, r in enumerate(offsets.tolist()) if pos[p] + r >= 0]
-    assert len(by_hand) == 2 * 3  # m_empty names nothing; m_4 read only 5 bytes, so not the 6th last
-    assert torch.allclose(smt.offset_loss(model, m, y, pos, offsets), torch.stack(by_hand).mean(), atol=1e-5)
+    cfg = tiny_cfg(past_targets=6, past_horizon=6, past_positions=3)  # every offset, every memory, in drawn order
+    for pos in (torch.tensor([-1, 4, 9]), torch.tensor([[-1, 4, 9], [2, 3, 12]])):
+        torch.manual_seed(0)  # past_loss's draws: which memories, then which offsets (the queries see one another)
+        order, offsets = torch.randperm(3), -1 - torch.randperm(6)
+        rows = pos.expand(2, -1)
+        m = torch.stack([model.memories(x[b: b + 1], rows[b])[0] for b in range(2)])  # (B, P, K, d)
+        logits = model.decoder.at_offsets(m[:, order].flatten(0, 1), offsets).view(2, 3, 6, 32)
+        rows = rows[:, order]
+        by_hand = [F.cross_entropy(logits[b, p, i], x[b, rows[b, p] + r + 1]) for b in range(2) for p in range(3)
+                   for i, r in enumerate(offsets.tolist()) if rows[b, p] + r >= 0]
+        assert len(by_hand) == sum(min(6, max(t, 0)) for t in rows.flatten().tolist())  # s <= t: within the sequence
+        torch.manual_seed(0)
+        assert torch.allclose(smt.past_loss(model, m, y, pos, cfg), torch.stack(by_hand).mean(), atol=1e-5)
+    later = x.clone()
+    later[:, 10:] = torch.randint(0, 32, (2, 10))  # every input after the last memory changes
+    pos = torch.tensor([-1, 4, 9])
+    again = model.decoder.at_offsets(model.memories(later, pos).flatten(0, 1), offsets)
+    assert torch.allclose(model.decoder.at_offsets(model.memories(x, pos).flatten(0, 1), offsets), again, atol=1e-6)
 
-    cfg = tiny_cfg(future_len=4, past_targets=3, past_horizon=5, far_positions=6)
-    offsets = torch.stack([smt.past_offsets(cfg, "cpu") for _ in range(50)])
-    assert offsets.min() == -5 and offsets.max() == -1 and all(len(set(o)) == 3 for o in offsets.tolist())
-    past = smt_stat_while_overfitting(cfg, "past")
+    past = smt_stat_while_overfitting(tiny_cfg(future_len=4, past_targets=3, past_horizon=5, past_positions=6), "past")
     assert sum(past[-10:]) / 10 < 0.6 * past[0], past[::10]
 
 
@@ -316,7 +310,7 @@ def test_dmt_past_targets_train_the_rnns_own_step_and_cross_one_step():
     model = tiny_model()
     x = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(1))
     y = torch.roll(x, -1, dims=1)
-    base = dict(method="dmt", future_len=4, dmt_steps=12, dmt_every=1, far_positions=6)
+    base = dict(method="dmt", future_len=4, dmt_steps=12, dmt_every=1, past_positions=6)
     torch.manual_seed(3)
     plain, _ = smt.dmt_loss(model, x, y, tiny_cfg(**base))
     calls = record_cell_calls(model)
@@ -376,3 +370,48 @@ def test_evaluations_compare_and_leave_training_randomness_alone(tmp_path, text_
     assert runs[0][0] == runs[1][0] and "val_teacher_bpb" in runs[0][0]
     torch.manual_seed(1)
     assert torch.equal(runs[1][1], torch.rand(1))
+
+
+class Lookup(torch.nn.Module):
+    """A stand-in teacher encoder whose memory at t is the embedding of x_t alone (one memory token)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, x, pos):
+        return self.table[x[:, pos]][:, :, None]  # (B, P, 1, d)
+
+
+class Reads(torch.nn.Module):
+    """A stand-in RNN cell whose next memory is its input's embedding: f(m, e) = e."""
+
+    def forward(self, m, e):
+        return e[:, None]
+
+
+def test_dmt_pairs_each_step_with_the_next_input_and_the_next_target():
+    """A model whose teacher memory m_t is the embedding of x_t, whose RNN step writes the input's embedding and whose
+    readout names the token after the one its memory holds, on sequences x_t = (s + t) mod V: every one of DMT's
+    transitions matches the teacher exactly (dyn 0) and the readout is right (bits ~0), wherever each sequence's t0
+    falls. Inputs or targets shifted by one position would give a large dyn or readout loss."""
+    V = 8
+    table = torch.eye(16)[:V] * 4  # one-hot rows, already RMS-normalised (rms = 1)
+    model = tiny_model(mem_tokens=1)
+    model.encoder, model.cell = Lookup(table), Reads()
+    model.rnn_embed = torch.nn.Embedding.from_pretrained(table)
+    model.readout_head = torch.nn.Linear(16, V, bias=False)
+    model.readout_head.weight.data.copy_(4 * table.roll(1, dims=0))  # logit of u: 16 * [memory holds u - 1]
+    model.readout_head = torch.nn.Sequential(torch.nn.Flatten(), model.readout_head)
+    x = (torch.arange(6)[:, None] * 3 + torch.arange(20)) % V
+    y = torch.roll(x, -1, dims=1)
+    y[:, -1] = -1
+    for steps, every in ((12, 1), (8, 3), (19, 4)):
+        torch.manual_seed(steps)
+        cfg = tiny_cfg(method="dmt", dmt_steps=steps, dmt_every=every, dmt_coef_unif=0.0)
+        _, stats = smt.dmt_loss(model, x, y, cfg)
+        assert stats["dyn"] == 0.0 and stats["readout_bpb"] < 1e-5, (steps, every, stats)
+    shifted = torch.roll(y, -1, dims=1)
+    shifted[:, -2:] = -1
+    _, stats = smt.dmt_loss(model, x, shifted, tiny_cfg(method="dmt", dmt_steps=12))
+    assert stats["readout_bpb"] > 10  # the check above can fail
