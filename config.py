@@ -69,7 +69,7 @@ class Config:
     encoder_depth: int = 2  # teacher encoder layers
     decoder_depth: int = 2  # teacher decoder layers
     rnn_depth: int = 2  # RNN cell layers
-    cell: str = "transformer"  # the RNN cell (model.CELLS)
+    cell: str = "transformer"  # the RNN cell (model.CELLS); nn_lstm, nn_gru: torch's own, for the BPTT baseline
     encoder: str = "causal"  # the teacher encoder (model.ENCODERS): causal, all memories from one pass; window, the
     #                          paper's, one pass per memory
     readout: str = "decoder"  # the RNN's readout (model.READOUTS): decoder, the teacher decoder's next-token head;
@@ -202,8 +202,8 @@ def check_config(cfg):
             raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
         raise UsageError(f"--n_heads={cfg.n_heads} must divide --d_model={cfg.d_model} into an even head size")
-    if cfg.cell == "lstm" and cfg.mem_tokens % 2:
-        raise UsageError(f"--cell=lstm keeps h and c in halves of the memory: --mem_tokens must be even, "
+    if cfg.cell in ("lstm", "nn_lstm") and cfg.mem_tokens % 2:
+        raise UsageError(f"--cell={cfg.cell} keeps h and c in halves of the memory: --mem_tokens must be even, "
                          f"not {cfg.mem_tokens}")
     if cfg.positions != "all" and not (cfg.positions.isdigit() and int(cfg.positions) > 0):
         raise UsageError(f"--positions must be 'all' or a positive number, not '{cfg.positions}'")

@@ -306,8 +306,51 @@ class ElmanCell(nn.Module):
         return rms(torch.tanh(self.w(m.flatten(1)) + self.u(e)).view_as(m))
 
 
-CELLS = dict(transformer=TransformerCell, mlp=MLPCell, gru=GRUCell, lstm=LSTMCell, elman=ElmanCell)  # (d, n_heads,
-#   depth, mem_tokens) -> a module f(m, e) -> m'; each must return RMS-normalised memory tokens
+class TorchGRU(nn.Module):
+    """torch.nn.GRU as a user would train it by BPTT: one layer, hidden state the flattened memory, no normalisation
+    (so SMT's normalised targets are out of its reach: a baseline, not a student). run() reads a whole sequence in
+    one fused call (cuDNN on a GPU); the step is the same call on one input."""
+
+    def __init__(self, d, n_heads, depth, mem_tokens):
+        super().__init__()
+        self.rnn = nn.GRU(d, mem_tokens * d, batch_first=True)
+
+    def forward(self, m, e):
+        return self.run(m, e[:, None])[:, 0]
+
+    def run(self, m, e):
+        """From memory m (N, K, d) over embedded inputs e (N, T, d): each step's memory, (N, T, K, d)."""
+        out, _ = self.rnn(e, m.flatten(1)[None].contiguous())
+        return out.view(*e.shape[:2], *m.shape[1:])
+
+
+class TorchLSTM(nn.Module):
+    """torch.nn.LSTM as a user would train it by BPTT: one layer, h in the first half of the memory tokens and c in
+    the second, no normalisation. The fused call returns every step's h but not its c, so run() gives the readable
+    half (h) of each memory, the last one whole; the readout reads h alone (out_tokens), as an LSTM's does."""
+
+    def __init__(self, d, n_heads, depth, mem_tokens):
+        super().__init__()
+        assert mem_tokens % 2 == 0, "the nn_lstm cell needs an even mem_tokens (half h, half c)"
+        self.out_tokens = mem_tokens // 2
+        self.rnn = nn.LSTM(d, mem_tokens // 2 * d, batch_first=True)
+
+    def forward(self, m, e):
+        h, c = m.flatten(1).chunk(2, dim=1)
+        _, (h, c) = self.rnn(e[:, None], (h[None].contiguous(), c[None].contiguous()))
+        return torch.cat([h[0], c[0]], dim=1).view_as(m)
+
+    def run(self, m, e):
+        """From memory m (N, K, d) over embedded inputs e (N, T, d): each step's h, (N, T, K / 2, d)."""
+        h, c = m.flatten(1).chunk(2, dim=1)
+        out, _ = self.rnn(e, (h[None].contiguous(), c[None].contiguous()))
+        return out.view(*e.shape[:2], self.out_tokens, m.size(2))
+
+
+CELLS = dict(transformer=TransformerCell, mlp=MLPCell, gru=GRUCell, lstm=LSTMCell, elman=ElmanCell, nn_gru=TorchGRU,
+             nn_lstm=TorchLSTM)  # (d, n_heads, depth, mem_tokens) -> a module f(m, e) -> m', which SMT needs to
+#   return RMS-normalised memory tokens; optional: run(m, e) for a whole sequence at once (BPTT, evaluation), and
+#   out_tokens, how many leading memory tokens the readout reads (all if not set)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,10 +371,11 @@ class SMTModel(nn.Module):
         else:
             self.encoder = None
         self.decoder = Decoder(vocab_size, d_model, n_heads, decoder_depth)
-        head = READOUTS[readout]
-        self.readout_head = head(vocab_size, d_model, mem_tokens) if head is not None else None
         self.rnn_embed = nn.Embedding(vocab_size, d_model)
         self.cell = CELLS[cell](d_model, n_heads, rnn_depth, mem_tokens)
+        self.out_tokens = getattr(self.cell, "out_tokens", mem_tokens)  # what of a memory the readout reads
+        head = READOUTS[readout]
+        self.readout_head = head(vocab_size, d_model, self.out_tokens) if head is not None else None
         self.m_empty = nn.Parameter(rms(torch.randn(mem_tokens, d_model)))
         self.apply(self._init)
 
@@ -373,7 +417,8 @@ class SMTModel(nn.Module):
         return self.cell(m, self.rnn_embed(tokens))
 
     def readout(self, m):
-        """g(m): next-token logits (N, vocab) from the memory alone."""
+        """g(m): next-token logits (N, vocab) from the memory alone (its first out_tokens tokens)."""
+        m = m[:, : self.out_tokens]
         if self.readout_head is not None:
             return self.readout_head(m)
         return self.decoder(m)[:, 0]

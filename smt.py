@@ -257,10 +257,21 @@ def recall_loss(model, m, tokens):
     return F.cross_entropy(logits, tokens.reshape(-1))
 
 
+def read(model, memory, x):
+    """The memories (B, T, K, d) after each input of x (B, T), from `memory`: one call of the cell's run() where it
+    has one (torch's fused RNNs; those give the part the readout reads), else a rollout, one step at a time."""
+    if hasattr(model.cell, "run"):
+        return model.cell.run(memory, model.rnn_embed(x))
+    return torch.stack([m for _, m in rollout(model, memory, x)], dim=1)
+
+
 def bptt_loss(model, x, y, cfg, window=0):
     """BPTT: unroll from m_empty over the whole sequence, readout CE at every step, backprop through the unroll.
-    window = k > 0 makes it truncated BPTT: memory carried on, gradient cut every k steps."""
-    memories = torch.stack([m for _, m in rollout(model, model.empty(x.size(0)), x, detach_every=window)], dim=1)
+    window = k > 0 makes it truncated BPTT: memory carried on, gradient cut every k steps (step by step)."""
+    if window:
+        memories = torch.stack([m for _, m in rollout(model, model.empty(x.size(0)), x, detach_every=window)], 1)
+    else:
+        memories = read(model, model.empty(x.size(0)), x)
     ce = readout_ce(model, memories, y)
     loss = mean_bits(ce, y) * LN2
     return loss, dict(ce=loss.item(), bpb=loss.item() / LN2)
@@ -364,13 +375,13 @@ def evaluate_rnn(model, x, y, context_len, primed):
     """The RNN's own held-out loss, reading x step by step (teacher-forced), in bits per byte:
     rnn_bpb from m_empty over all of x; rnn_tail_bpb the same run over positions >= context_len; and, with primed,
     rnn_primed_bpb over those same positions after the teacher encoder primes the memory on x[:, :context_len]."""
-    own = torch.stack([m for _, m in rollout(model, model.empty(x.size(0)), x)], dim=1)
+    own = read(model, model.empty(x.size(0)), x)
     ce = readout_ce(model, own, y)
     out = dict(rnn_bpb=mean_bits(ce, y).item(),
                rnn_tail_bpb=mean_bits(ce[:, context_len:], y[:, context_len:]).item())
     if primed:
         m0 = model.memories(x, torch.tensor([context_len - 1], device=x.device))[:, 0]
-        run = torch.stack([m for _, m in rollout(model, m0, x[:, context_len:])], dim=1)
+        run = read(model, m0, x[:, context_len:])
         out["rnn_primed_bpb"] = mean_bits(readout_ce(model, run, y[:, context_len:]), y[:, context_len:]).item()
     return out
 
@@ -395,8 +406,7 @@ def evaluate_probe(model, x, y, whole, whole_too=False):
 
 def rnn_logits(model, x):
     """The RNN's readout logits (B, L, vocab) at every step of reading x (B, L) from m_empty."""
-    own = torch.stack([m for _, m in rollout(model, model.empty(x.size(0)), x)], dim=1)
-    return model.readout(own.flatten(0, 1)).view(*x.shape, -1)
+    return model.readout(read(model, model.empty(x.size(0)), x).flatten(0, 1)).view(*x.shape, -1)
 
 
 def accuracy(logits, y, whole):
