@@ -133,8 +133,8 @@ def test_every_registry_is_a_choice_in_help_and_validation(monkeypatch):
     help_text = config.config_help("")
     for key, registry in config.REGISTRIES.items():
         assert f"--{key}=" in help_text and f"{' | '.join(registry)}:" in help_text, key
-    assert "transformer | mlp | gru | lstm | elman | mine:" in help_text
-    with pytest.raises(UsageError, match="--cell must be one of transformer, mlp, gru, lstm, elman, mine, not 'yours'"):
+    assert "transformer | mlp | gru | lstm | elman | nn_gru | nn_lstm | mine:" in help_text
+    with pytest.raises(UsageError, match="--cell must be one of transformer, .*, mine, not 'yours'"):
         config.check_config(load_config(["--cell=yours", "--device=cpu"])[0])
 
 
