@@ -419,10 +419,10 @@ def gpu_step(cfg, run, gen, device):
     repeats = cfg.repeats or (1 if cfg.quick else 3)
     step_s = statistics.median(trainer.step(x, y) for _ in range(repeats))
     emit(cfg, suite="gpu", method=run.method, seq_len=L, batch_size=batch, step_s=step_s,
-         tokens_per_s=batch * L / step_s, tflops_per_s=flops / step_s / 1e12, mfu=flops / step_s / peak if peak else None,
+         tokens_per_s=batch * L / step_s, tflops_per_s=flops / step_s / 1e12,
+         mfu=flops / step_s / peak if peak else None,
          peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
-         first_step_s=first, repeats=repeats, act_ckpt=run.act_ckpt,
-         compiled=device.type == "cuda" and cfg.compile)
+         first_step_s=first, repeats=repeats, act_ckpt=run.act_ckpt, compiled=device.type == "cuda" and cfg.compile)
 
 
 def gpu_evaluation(cfg, model, base, gen, device):
