@@ -1,29 +1,39 @@
-"""Benchmarks of SMT against BPTT, and the reproductions of the paper's claims at CPU scale.
+"""Benchmarks of SMT against BPTT: timing suites, and races that reproduce the paper's claims at CPU scale.
 
-    python bench.py --suite=scaling      # training step time at lengths 64..1024, SMT and BPTT side by side
-    python bench.py --suite=throughput   # tokens/s and transitions/s: SMT positions=1 (window) and =all, BPTT, TBPTT
-    python bench.py --suite=inference    # the RNN generating 4,096 tokens against the teacher re-encoding its context
-    python bench.py --suite=gradients    # gradient norm against distance, BPTT vs SMT; a PNG in --out
+Timing (random tokens, vocab 256, stand in for data: a step costs the same whatever the tokens are; times are
+wall-clock medians over --repeats steps after a warm-up step, every method timed in turn within each repetition, so
+that a machine shared with other work slows all of them alike):
+
+    python bench.py --suite=scaling      # step_s of SMT and BPTT at lengths 64..1024, tokens per batch fixed; then
+                                         # per method ratio = step_s at the longest / at the shortest length, and
+                                         # for SMT paper_max_ratio=1.5, meets_paper (ratio <= 1.5): the paper's
+                                         # claim that SMT's step at the longest length costs at most 1.5x the
+                                         # shortest's (BPTT's grows with the length)
+    python bench.py --suite=throughput   # tokens_per_s, transitions_per_s of SMT positions=1 (window encoder) and
+                                         # positions=all (causal), BPTT, TBPTT; then ratio = all / 1 transitions/s,
+                                         # paper_min_ratio=10, meets_paper (ratio >= 10)
+    python bench.py --suite=inference    # tokens_per_s, state_bytes, peak_rss_mib: the RNN generating 4,096 tokens
+                                         # against the teacher re-encoding its whole context for every token
+    python bench.py --suite=gradients    # grad_norm against distance d, BPTT vs SMT, and smt_reach, the farthest
+                                         # input SMT's loss reaches (0 beyond it); gradients.png in --out
+    python bench.py --suite=gpu          # CUDA: step_s, tokens_per_s, MFU, peak memory of SMT and BPTT at the
+                                         # paper's shapes; one evaluation; generation graphed vs plain (< 7 min, H200)
     python bench.py --suite=scaling --quick --json    # small sizes (< 2 minutes on 2 cores), one JSON per line
-    python bench.py --suite=probes --tasks=retrieval  # SMT then DMT vs BPTT, same wall-clock, task lengths 64..1024
-    python bench.py --suite=text         # the same on Shakespeare's bytes: held-out bits per byte against seconds
-    python bench.py --suite=images       # the same on 14x14 black-and-white digits, then digits drawn and completed
-    python bench.py --suite=longrange    # the same on the long-range text probe at gaps 16 and 32: recall per kind
-    python bench.py --suite=recall --run=out/lr --lengths=16,32   # a trained long-range run scored at other gaps,
-                                         # teacher and RNN, how many bytes back their memories name what they read,
-                                         # and along which directions of its teacher's memories the RNN errs
-    python bench.py --suite=gpu          # CUDA: SMT and BPTT steps at the paper's shapes (time, tokens/s, MFU,
-                                         # peak memory), one evaluation, generation graphed vs plain (< 7 min, H200)
     python bench.py --suite=scaling --device=cuda     # the timing suites on a GPU (synchronised timing)
+
+Races: SMT then DMT (one lane) against BPTT (the other), real train.py runs given the same training seconds, two at
+a time with one thread each on a CPU (one after the other on a GPU); each lane prints its last held-out scores
+(train.py's val_* numbers), seconds, tokens seen and iterations, and a PNG plots its curve against training seconds
+and one against tokens seen. Their runs stay in --out.
+
+    python bench.py --suite=probes --tasks=retrieval  # RNN accuracy at task lengths 64..1024 (SMT trains at 64)
+    python bench.py --suite=text         # Shakespeare's bytes: the RNN's held-out bits per byte
+    python bench.py --suite=images       # 14x14 black-and-white digits: bits per pixel, then digits drawn, completed
+    python bench.py --suite=longrange    # the long-range text probe at gaps 16 and 32: recall, and per kind of fact
     python bench.py --suite=text --device=cuda   # the race on one GPU, paper shapes, the lanes in turn: ~8 minutes
 
-The first four time single training steps: random tokens (vocab 256) stand in for data, since the cost of a step
-does not depend on what the tokens are; times are wall-clock medians over --repeats steps after one warm-up step,
-every method timed in turn within each repetition (interleaved), so that a machine shared with other work slows all
-of them alike. The last four train for real with train.py, two runs at a time with one thread each (on a GPU one
-at a time), and report the RNN's held-out scores (probes, text and images also plot them against training seconds
-and tokens seen); their runs stay in --out.
 Plots need matplotlib (pip install -e ".[plot]"); without it every suite still runs and prints its numbers.
+Diagnostics of trained runs live in dev/ (python dev/recall.py --help).
 """
 import dataclasses
 import functools
@@ -49,79 +59,72 @@ from cli import UsageError, options_help, parse_overrides, run_cli
 from config import CUDA_DEFAULTS, Config, known_settings
 from data import PROBES, Probe, TextProbe
 
-SUITES = ("scaling", "throughput", "inference", "gradients", "probes", "text", "images", "longrange", "recall", "gpu")
 HERE = Path(__file__).resolve().parent
 VOCAB = 256
 
 
 @dataclass
 class BenchConfig:
-    suite: str = ""  # scaling | throughput | inference | gradients | probes | text | images | longrange | recall | gpu
+    suite: str = ""  # scaling | throughput | inference | gradients | gpu | probes | text | images | longrange
     quick: bool = False  # small sizes: every suite in under 2 minutes on a 2-core CPU
     json: bool = False  # one JSON object per measurement instead of table lines
-    out: str = "bench_out"  # where PNGs (and the reproductions' training runs) go
+    out: str = "bench_out"  # where PNGs (and the races' training runs) go
     lengths: str = ""  # comma-separated, overrides the suite's: scaling: sequence lengths; inference: token counts
     #                    reported; throughput: the one context length; gradients: the one unroll length T;
-    #                    probes: task lengths; longrange, recall: the gaps
+    #                    probes: task lengths; longrange: the gaps
     repeats: int = 0  # timed steps per measurement (the median is reported); 0: the suite's default
     tokens: int = 0  # scaling: tokens per batch, held fixed across lengths; 0: the suite's default
     batch_size: int = 0  # throughput: sequences per batch; 0: the suite's default
     threads: int = 0  # torch threads; 0: torch's default (1 is steadier on a machine shared with other jobs)
-    seed: int = 1337  # random batches and initial weights; the reproductions' runs get it as --seed
+    seed: int = 1337  # random batches and initial weights; the races' runs get it as --seed
     device: str = "cpu"  # cpu | cuda | cuda:N: where the suites run (gpu: cuda unless --quick --device=cpu, its tiny
     #                      CPU rehearsal; text, images: on cpu the two lanes run side by side, on cuda in turn)
     act_ckpt: str = "none"  # gpu: activation checkpointing of the steps (train.py's --act_ckpt)
     compile: bool = True  # gpu: torch.compile each part for its shape, as train.py does (False: eager, to compare)
-    # reproductions (probes, text, images): training runs of train.py, two at a time, one thread each
+    # races (probes, text, images, longrange): training runs of train.py, two at a time, one thread each
     dataset: str = ""  # text: any text dataset of train.py (shakespeare); images: an image dataset (mnist5k)
-    image_size: int = 0  # images: side of the images (train.py's --image_size); 0: the suite's (14)
-    binarize: bool = False  # images: pixels as 0/1 (train.py's --binarize); the suite's default: True
-    budget: float = 0.0  # training seconds per run; 0: the suite's (probes 360, text, images, longrange 600; GPU 140)
+    budget: float = 0.0  # training seconds per lane; 0: the race's (probes 360, text, images, longrange 600; GPU 140)
     dmt_share: float = 0.2  # of the SMT lane's budget, the share spent on DMT after SMT (0: SMT alone)
     tasks: str = "retrieval,copy,stack"  # probes: which
     train_len: int = 64  # probes: SMT and DMT train once on tasks this long; their RNN is scored at every length
     #                      (its teacher does not learn longer tasks in minutes; the RNN generalises); 0: each length
     num_symbols: int = 4  # probes: few symbols, so that tiny models leave the chance plateau within minutes
-    eval_interval: int = 0  # iterations between evaluations (points on the curves); 0: the suite's
-    eval_seconds: float = 0.0  # text, images: also evaluate every this many training seconds (0: off; GPU: 50)
-    smt_args: str = ""  # extra train.py settings for the SMT lane, space-separated; "": the suite's
-    bptt_args: str = ""  # the same for the BPTT lane
+    eval_interval: int = 0  # iterations between evaluations (points on the curves); 0: the race's
+    eval_seconds: float = 0.0  # also evaluate every this many training seconds (0: off; GPU: 50)
+    args: str = ""  # extra train.py settings for every lane, space-separated; "": the race's
+    smt_args: str = ""  # the same for the SMT run alone
+    bptt_args: str = ""  # the same for BPTT
     dmt_args: str = ""  # the same for DMT
-    # recall: one trained long-range run, scored (no training)
-    run: str = ""  # its out_dir
-    episodes: int = 512  # held-out episodes at each gap, drawn with --seed (the same episodes for every run)
 
 
-SUITE_DEFAULTS = dict(  # the reproductions' settings, quoted in the README; --quick shrinks them for tests
+# The races' settings, with which the README's numbers ran; --quick shrinks them for the tests.
+# images: 14x14 black-and-white digits (196 tokens, vocab 2), each SMT window one whole digit from its first pixel;
+# a GRU cell and a one-layer decoder readout in both lanes: on one CPU thread a BPTT step on 196 pixels costs about a
+# quarter of the Transformer cell's, so each lane gets some 1,000 steps in 10 minutes.
+# longrange: batches of 8 (many steps: recall is learnt late), training gaps mixed over [1, gap]; BPTT unrolls over
+# gap + 32 bytes (the longest episode, gap + 23, and more), SMT has past targets reaching gap + 16 bytes back (they cost
+# bits/byte on Shakespeare, so they are not train.py's default); scored at gap.
+RACES = dict(
     probes=dict(budget=360, eval_interval=50),
     text=dict(dataset="shakespeare", budget=600, eval_interval=100),
-    # images: 14x14 black-and-white digits (196 tokens, vocab 2), each window one whole digit from its first pixel;
-    # a GRU cell and a one-layer decoder readout for both lanes: on one CPU thread a BPTT step on 196 pixels costs
-    # about a quarter of the default Transformer cell's, so each lane gets some 1,000 steps in 10 minutes
-    images=dict(dataset="mnist5k", image_size=14, binarize=True, budget=600, eval_interval=100,
-                smt_args="--context_len=180 --future_len=16 --batch_size=16 --cell=gru --decoder_depth=1",
-                bptt_args="--seq_len=196 --batch_size=16 --cell=gru --decoder_depth=1",
-                dmt_args="--batch_size=16"),
-    # longrange: batches of 8 (many steps: recall is learnt late), training gaps mixed over [1, gap] (min_gap),
-    # BPTT unrolled over gap + 32 bytes (the longest episode, gap + 23, and more: its own best unroll), SMT with
-    # past targets reaching gap + 16 bytes back (the fact, seen from its cue; they cost bits/byte on Shakespeare, so
-    # they are not train.py's default); scored at gap
-    longrange=dict(budget=600, eval_interval=1000, smt_args="--batch_size=8 --min_gap=1 --past_targets=16",
-                   bptt_args="--batch_size=8 --min_gap=1", dmt_args="--batch_size=8 --min_gap=1"),
+    images=dict(dataset="mnist5k", budget=600, eval_interval=100,
+                args="--image_size=14 --binarize=True --batch_size=16 --cell=gru --decoder_depth=1",
+                smt_args="--context_len=180 --future_len=16", bptt_args="--seq_len=196"),
+    longrange=dict(budget=600, eval_interval=1000, args="--batch_size=8 --min_gap=1", smt_args="--past_targets=16"),
 )
 QUICK = dict(budget=8, eval_interval=1000)  # one evaluation, at the end
-# The race on one GPU, in about 8 minutes all included: train.py's CUDA defaults (the paper's shapes, batch 128) for
-# both lanes, 140 s of training each, one after the other, evaluations every 50 s (128 held-out windows). SMT and
-# BPTT compiled (measured on one H200: 0.25 s an SMT step, 2.55 s a BPTT step compiled, about 5 s eager; the compile
-# warm-ups, 68 s and 54 s, are not training time), DMT eager (its 28 s would not repay a compile). Learning rates and
-# warmups are reasoned, not tuned: SMT the paper's 3e-4, BPTT 1e-3, since it gets some 55 steps in 140 s; warmups
-# near a tenth of the steps each lane can take. DMT: the paper's 3e-5, cosine.
-GPU_RACE = dict(budget=140, eval_interval=10 ** 9, eval_seconds=50,
-                dmt_args="--warmup_iters=3 --eval_iters=1 --compile=False",
-                smt_args="--warmup_iters=30 --eval_iters=1", bptt_args="--lr=1e-3 --warmup_iters=3 --eval_iters=1")
-GPU_IMAGES = dict(smt_args=GPU_RACE["smt_args"] + " --context_len=180 --future_len=16",  # one digit a window
-                  bptt_args=GPU_RACE["bptt_args"] + " --seq_len=196",
-                  dmt_args=GPU_RACE["dmt_args"] + " --dmt_steps=195")
+# On one GPU, about 8 minutes all included: train.py's CUDA defaults (the paper's shapes, batch 128), 140 s of training
+# a lane, in turn, evaluations every 50 s (128 held-out windows). SMT and BPTT compiled (on one H200: 0.25 s an SMT
+# step, 2.55 s a BPTT step; the compile warm-ups are not training time), DMT eager (its 28 s would not repay a
+# compile). Learning rates and warmups reasoned, not tuned: SMT the paper's 3e-4, BPTT 1e-3 for its some 55 steps,
+# warmups near a tenth of the steps; DMT the paper's 3e-5, cosine. Images: one digit a window, as on CPU.
+GPU = dict(budget=140, eval_interval=10 ** 9, eval_seconds=50, args="--eval_iters=1", smt_args="--warmup_iters=30",
+           bptt_args="--lr=1e-3 --warmup_iters=3", dmt_args="--warmup_iters=3 --compile=False")
+RACES["text-cuda"] = RACES["text"] | GPU
+RACES["images-cuda"] = RACES["images"] | GPU | dict(args="--image_size=14 --binarize=True --eval_iters=1",
+                                                    smt_args=GPU["smt_args"] + " --context_len=180 --future_len=16",
+                                                    bptt_args=GPU["bptt_args"] + " --seq_len=196",
+                                                    dmt_args=GPU["dmt_args"] + " --dmt_steps=195")
 
 
 def emit(cfg, **record):
@@ -186,12 +189,15 @@ def random_batch(batch_size, length, generator, device=torch.device("cpu")):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Timing
 
-def scaling(cfg, lengths):
+def scaling(cfg):
     """Step time against sequence length L at a fixed number of tokens per batch (batch = tokens / L), so the work per
     token is what the method makes of it. SMT: positions=all, causal encoder with its default 64-token context,
     decoder loss on L/4 positions per sequence (the same number of decoder windows per batch at every L). BPTT: the
-    whole L-step unroll. Same Transformer cell and model size (train.py's CPU defaults) for both."""
+    whole L-step unroll. Same Transformer cell and model size (train.py's CPU defaults) for both. Then each method's
+    ratio of its step_s at the longest length to that at the shortest; the paper's claim for SMT: at most 1.5."""
+    lengths = parse_lengths(cfg, [64, 128, 256, 512, 1024])
     tokens = cfg.tokens or (1024 if cfg.quick else 4096)
     repeats = cfg.repeats or (1 if cfg.quick else 3)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -212,14 +218,15 @@ def scaling(cfg, lengths):
     for name in trainers:
         ratio = median[name, lengths[-1]] / median[name, lengths[0]]
         emit(cfg, suite="scaling", method=name, ratio=ratio, long_len=lengths[-1], short_len=lengths[0],
-             **(dict(target=1.5, met=ratio <= 1.5) if name == "smt" else {}))
+             **(dict(paper_max_ratio=1.5, meets_paper=ratio <= 1.5) if name == "smt" else {}))
 
 
-def throughput(cfg, context_len):
+def throughput(cfg):
     """Training tokens/s and transitions/s at context_len 256 (the paper's context), 16 memory tokens of width 64
     (depths 2, 4 heads), future_len 16: sequences of 272 tokens for every method (BPTT unrolls all of them, TBPTT cuts
     every 16). A transition (m_t, x_{t+1}) -> m_{t+1} counts when the step trains it: SMT one per selected position,
-    BPTT and TBPTT every step of the unroll."""
+    BPTT and TBPTT every step of the unroll. The paper's claim: positions=all trains at least 10x the transitions/s."""
+    context_len = one_length(cfg, 256)
     batch_size = cfg.batch_size or (2 if cfg.quick else 8)
     repeats = cfg.repeats or (1 if cfg.quick else 3)
     L = context_len + 16
@@ -241,11 +248,11 @@ def throughput(cfg, context_len):
              tokens_per_s=batch_size * L / seconds, transitions_per_s=per_second[name], repeats=repeats)
     ratio = per_second["smt_all_causal"] / per_second["smt_pos1_window"]
     emit(cfg, suite="throughput", method="smt_all_causal/smt_pos1_window", metric="transitions_per_s", ratio=ratio,
-         target=10.0, met=ratio >= 10)
+         paper_min_ratio=10, meets_paper=ratio >= 10)
 
 
 @torch.no_grad()
-def inference(cfg, marks):
+def inference(cfg):
     """Generation, batch 1, greedy. rnn: the RNN alone from m_empty generates marks[-1] tokens, one step and one
     readout per token; tokens/s over the tokens since the previous mark. teacher: the causal encoder, with a context
     as long as the longest mark, re-encodes the whole context for every new token (memory at the last position, then
@@ -253,6 +260,7 @@ def inference(cfg, marks):
     state_bytes: what the method holds for its context: the RNN's memory tensor (constant); for the teacher, the keys
     and values of every attention layer over the context (a KV cache's size: re-encoding holds them all in a step).
     peak_rss_mib: the process's high-water resident memory (includes Python, torch and the weights), rnn first."""
+    marks = parse_lengths(cfg, [512, 1024, 2048, 4096])
     steps = cfg.repeats or (2 if cfg.quick else 4)
     torch.manual_seed(cfg.seed)
     base = Config()
@@ -288,41 +296,61 @@ def inference(cfg, marks):
              state_bytes=attending * 2 * n * base.d_model * 4, peak_rss_mib=peak())
 
 
-def gradients(cfg, T):
-    """Norm of the gradient of the next-token loss at the last position, w.r.t. the embedding of the input d tokens
-    back (d = 1: the last input read), untrained model (train.py's CPU defaults), 8 random sequences of length T, mean
-    per-sequence norm. BPTT: through the T-step unroll of the RNN from m_empty. SMT: through the teacher encoder (its
-    context is T, so it sees every input) to the memory at the last position, read out by the same decoder head: no
-    path crosses more than the encoder's depth."""
-    torch.manual_seed(cfg.seed)
-    model = build(Config(context_len=T), with_encoder=True)
-    x, y = random_batch(8, T, torch.Generator().manual_seed(cfg.seed))
+def gradient_norms(model, x, y):
+    """{"bptt", "smt": [norm at d = 1 .. T]}: the gradient of the next-token loss at the last position w.r.t. the
+    input d steps back (its embeddings: d = 1 is x_{T-1}, the last one read), each sequence's norm, mean over the
+    rows of x (B, T). bptt: the RNN's readout after its whole T-step unroll from m_empty. smt: the RNN's readout after
+    one step from the teacher's memory m_{T-2}, what SMT's losses train: no path crosses more than one RNN step and
+    the encoder, so inputs beyond smt_reach get exactly 0."""
+    B, T = x.shape
 
     def last_loss(m):
         return F.cross_entropy(model.readout(m), y[:, -1], reduction="sum")  # sum: each sequence its own gradient
 
     e = model.rnn_embed(x).detach().requires_grad_()
-    m = model.empty(x.size(0))
+    m = model.empty(B)
     for t in range(T):
         m = model.cell(m, e[:, t])
-    norms = dict(bptt=torch.autograd.grad(last_loss(m), e)[0])
-    e = model.encoder.embed(x).detach().requires_grad_()
-    hook = model.encoder.embed.register_forward_hook(lambda module, inputs, output: e)  # feed our leaf in
+    norms = dict(bptt=torch.autograd.grad(last_loss(m), e)[0].norm(dim=-1))
+    read = model.encoder.embed(x).detach().requires_grad_()
+    hook = model.encoder.embed.register_forward_hook(lambda module, inputs, output: read)  # feed our leaf in
     try:
-        m = model.memories(x, torch.tensor([T - 1]))[:, 0]
+        m = model.memories(x, torch.tensor([T - 2]))[:, 0]
     finally:
         hook.remove()
-    norms["smt"] = torch.autograd.grad(last_loss(m), e)[0]
-    norms = {k: g.norm(dim=-1).mean(0).flip(0).tolist() for k, g in norms.items()}  # index d - 1
+    by_encoder, by_step = torch.autograd.grad(last_loss(model.cell(m, e[:, -1])), (read, e))
+    norms["smt"] = (by_encoder.square().sum(-1) + by_step.square().sum(-1)).sqrt()
+    return {name: g.mean(0).flip(0).tolist() for name, g in norms.items()}  # index d - 1
+
+
+def smt_reach(cfg):
+    """The farthest input (d) SMT's loss at the last position reaches: one RNN step (d = 1), then the teacher's memory
+    one position earlier, which the causal encoder computes from context_len - 1 positions back in each of its
+    encoder_depth layers and once more in its registers' read (the window encoder: one window)."""
+    layers = cfg.encoder_depth + 1 if cfg.encoder == "causal" else 1
+    return 2 + layers * (cfg.context_len - 1)
+
+
+def gradients(cfg):
+    """gradient_norms of an untrained model (train.py's CPU defaults), 8 random sequences of length T (256), each
+    distance d a line per method (powers of 2 in the table, all with --json); smt_reach; a PNG of both curves."""
+    T = one_length(cfg, 256 if not cfg.quick else 128)
+    base = Config()
+    torch.manual_seed(cfg.seed)
+    x, y = random_batch(8, T, torch.Generator().manual_seed(cfg.seed))
+    norms = gradient_norms(build(base, with_encoder=True), x, y)
     shown = range(1, T + 1) if cfg.json else sorted({2 ** i for i in range(int(math.log2(T)) + 1)} | {T})
     for d in shown:
         for name, values in norms.items():
             emit(cfg, suite="gradients", method=name, distance=d, grad_norm=values[d - 1])
+    emit(cfg, suite="gradients", smt_reach=smt_reach(base), context_len=base.context_len,
+         encoder_depth=base.encoder_depth)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "gradients.png"
-    if plot(path, {name: (COLORS[name], list(enumerate(values, start=1))) for name, values in norms.items()},
-            "distance d", "gradient norm", log_y=True):
+    series = {name: (COLORS[name], [(d, v) for d, v in enumerate(values, start=1) if v > 0])  # log scale: no 0
+              for name, values in norms.items()}
+    if plot(path, series, "distance d", "gradient norm", log_y=True):
         emit(cfg, suite="gradients", png=str(path), bptt_color="red", smt_color="blue")
 
 
@@ -391,10 +419,10 @@ def gpu_step(cfg, run, gen, device):
     repeats = cfg.repeats or (1 if cfg.quick else 3)
     step_s = statistics.median(trainer.step(x, y) for _ in range(repeats))
     emit(cfg, suite="gpu", method=run.method, seq_len=L, batch_size=batch, step_s=step_s,
-         tokens_per_s=batch * L / step_s, tflops_per_s=flops / step_s / 1e12, mfu=flops / step_s / peak if peak else None,
+         tokens_per_s=batch * L / step_s, tflops_per_s=flops / step_s / 1e12,
+         mfu=flops / step_s / peak if peak else None,
          peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
-         first_step_s=first, repeats=repeats, act_ckpt=run.act_ckpt,
-         compiled=device.type == "cuda" and cfg.compile)
+         first_step_s=first, repeats=repeats, act_ckpt=run.act_ckpt, compiled=device.type == "cuda" and cfg.compile)
 
 
 def gpu_evaluation(cfg, model, base, gen, device):
@@ -440,9 +468,23 @@ def gpu_generation(cfg, model, batch_sizes, num_new, device, bf16):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reproductions: real training runs of train.py, SMT then DMT in one lane against BPTT in the other, side by side
-# with one thread each, so both get the same wall-clock on the same (shared) machine. Budgets are training seconds
-# (train.py's time_budget: evaluation is not counted), the SMT lane's split between SMT and DMT by --dmt_share.
+# Races: real training runs of train.py, SMT then DMT in one lane against BPTT in the other, every lane the same
+# training seconds (train.py's time_budget: evaluation is not counted), the SMT lane's split by --dmt_share. race()
+# runs them and reports; the suites below it only choose the data and the settings.
+
+RED, BLUE = (220, 40, 40), (40, 70, 220)
+COLORS = {"smt": BLUE, "bptt": RED}
+
+
+@dataclass
+class Lane:
+    """One lane of a race: a BPTT run, or an SMT run and then DMT on its RNN (unless --dmt_share=0)."""
+    method: str  # smt | bptt
+    name: str  # its runs' folders in --out: <name>-smt and <name>-dmt, or <name>-bptt
+    args: list  # train.py settings, before the lane's own (--smt_args, ...)
+    fields: dict  # what its lines say of it besides its scores (the task, its length)
+    tag: str = ""  # its name in the plots, after the method's
+
 
 def progress(line):
     sys.stderr.write(line + "\n")  # one write: the two lanes' threads print whole lines
@@ -450,7 +492,7 @@ def progress(line):
 
 
 def one_thread_env(cfg):
-    """The environment of the runs this suite starts: one thread each (or --threads)."""
+    """The environment of the runs a race starts: one thread each (or --threads)."""
     return dict(os.environ, OMP_NUM_THREADS=str(cfg.threads or 1))
 
 
@@ -461,15 +503,15 @@ def val_scores(stats):
 
 def train(cfg, name, args):
     """Runs `python train.py args` into cfg.out/name (emptied first: it is this suite's own output), its log in
-    train.log there; returns its log.jsonl records."""
+    train.log there; returns (its log.jsonl records, the folder)."""
     out = Path(cfg.out) / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    env = one_thread_env(cfg)
     progress(f"{name}: python train.py {' '.join(args)} (log: {out / 'train.log'})")
     with open(out / "train.log", "w") as log:
         done = subprocess.run([sys.executable, str(HERE / "train.py"), f"--device={cfg.device}", *args,
-                               f"--out_dir={out}", f"--seed={cfg.seed}"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                               f"--out_dir={out}", f"--seed={cfg.seed}"], stdout=log, stderr=subprocess.STDOUT,
+                              env=one_thread_env(cfg))
     if done.returncode != 0:
         raise UsageError(f"the {name} run failed (exit {done.returncode}): see {out / 'train.log'}")
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -477,81 +519,84 @@ def train(cfg, name, args):
     return records, out
 
 
-def smt_lane(cfg, name, args):
-    """SMT for (1 - dmt_share) of the budget, then DMT on its RNN for the rest. Returns ([log records], the out_dir
-    of its last run); the DMT records' elapsed, iter and tokens are counted from SMT's start."""
+def run_lane(cfg, lane):
+    """A lane's runs, cfg.budget training seconds in all. Returns ([log records], the folder of its last run); DMT's
+    records count elapsed, iter and tokens from SMT's start (its first, the SMT run's RNN again, is left out)."""
+    common = [*lane.args, f"--eval_interval={cfg.eval_interval}", f"--eval_seconds={cfg.eval_seconds}",
+              *cfg.args.split()]
+    if lane.method == "bptt":
+        return train(cfg, f"{lane.name}-bptt", [f"--time_budget={cfg.budget}", "--method=bptt", *common,
+                                                *cfg.bptt_args.split()])
     smt_budget = round(cfg.budget * (1 - cfg.dmt_share))
-    records, out = train(cfg, f"{name}-smt", [f"--time_budget={smt_budget}", "--method=smt", *args,
-                                         *cfg.smt_args.split()])
+    records, out = train(cfg, f"{lane.name}-smt", [f"--time_budget={smt_budget}", "--method=smt", *common,
+                                                   *cfg.smt_args.split()])
     if cfg.dmt_share == 0:
         return records, out
-    dmt, out = train(cfg, f"{name}-dmt", [f"--time_budget={cfg.budget - smt_budget}", "--method=dmt",
-                                     f"--init_from={out}", *args, *cfg.dmt_args.split()])
-    last = records[-1]  # DMT's first record is the SMT RNN again: left out; time and iterations add up
+    dmt, out = train(cfg, f"{lane.name}-dmt", [f"--time_budget={cfg.budget - smt_budget}", "--method=dmt",
+                                               f"--init_from={out}", *common, *cfg.dmt_args.split()])
+    last = records[-1]
     return records + [dict(r, elapsed=r["elapsed"] + last["elapsed"], iter=r["iter"] + last["iter"],
                            tokens=r["tokens"] + last["tokens"]) for r in dmt[1:]], out
 
 
-def bptt_lane(cfg, name, args):
-    return train(cfg, f"{name}-bptt", [f"--time_budget={cfg.budget}", "--method=bptt", *args, *cfg.bptt_args.split()])
+def lane_label(cfg, lane):
+    return "smt+dmt" if lane.method == "smt" and cfg.dmt_share else lane.method
 
 
-def smt_method(cfg):
-    return "smt+dmt" if cfg.dmt_share else "smt"
+def race(cfg, name, lanes, metric, more=None):
+    """Trains the lanes: on CPU two at a time, one thread each, the same seconds on the same (shared) machine; on a
+    GPU one after the other, each with the whole GPU for its budget (side by side they would contend for its SMs and
+    memory bandwidth in ways neither controls). Prints a line per lane: its last evaluation's scores, seconds,
+    tokens seen, iterations, the curve of `metric` (its points with --json, else their number), and more(folder of
+    its last run) if given. Plots `metric` against training seconds (<name>.png) and tokens seen (<name>-tokens.png).
+    Returns [(lane, [log records], folder of its last run)]."""
+    if cfg.device == "cpu":
+        with ThreadPoolExecutor(2) as pool:
+            logs = [(lane, *run) for lane, run in zip(lanes, pool.map(functools.partial(run_lane, cfg), lanes))]
+    else:
+        progress(f"{name} on {cfg.device}: the lanes in turn, each with the whole GPU for {cfg.budget:g} s")
+        logs = [(lane, *run_lane(cfg, lane)) for lane in lanes]
+    by_time, by_tokens = {}, {}
+    for lane, records, out in logs:
+        points = [(r["elapsed"], r["tokens"], r[metric]) for r in records if metric in r]
+        emit(cfg, suite=cfg.suite, **lane.fields, method=lane_label(cfg, lane), **val_scores(records[-1]),
+             seconds=records[-1]["elapsed"], tokens=records[-1]["tokens"], iters=records[-1]["iter"],
+             **(more(out) if more else {}), curve=[(s, v) for s, _, v in points] if cfg.json else len(points))
+        label = f"{lane_label(cfg, lane)} {lane.tag}".strip()
+        same = [other for other, _, _ in logs if other.method == lane.method]  # later ones paler
+        color = tuple(round(c + (255 - c) * 0.75 * same.index(lane) / len(same)) for c in COLORS[lane.method])
+        by_time[label] = (color, [(s, v) for s, _, v in points])
+        by_tokens[label] = (color, [(n, v) for _, n, v in points])
+    y_range = (0, 1) if metric.endswith("acc") else None
+    for path, series, x_label in ((f"{name}.png", by_time, "training seconds"),
+                                  (f"{name}-tokens.png", by_tokens, "training tokens seen")):
+        if plot(Path(cfg.out) / path, series, x_label, f"{name}: {metric}", y_range=y_range, x_from=0):
+            emit(cfg, suite=cfg.suite, png=str(Path(cfg.out) / path))
+    return logs
 
 
-def race(cfg, name, args):
-    """SMT then DMT against BPTT for the whole budget. On CPU the two lanes run side by side, one thread each: the
-    same seconds on the same (shared) machine. On a GPU they run one after the other, each with the whole GPU for
-    its budget: side by side they would contend for its SMs and memory bandwidth in ways neither controls. Returns
-    {"smt+dmt" (or "smt"): ..., "bptt": ...}, each ([log records], the out_dir of its last run)."""
-    args = [*args, f"--eval_interval={cfg.eval_interval}", f"--eval_seconds={cfg.eval_seconds}"]
-    if cfg.device != "cpu":
-        progress(f"{name} on {cfg.device}: the two lanes in turn, each with the whole GPU for {cfg.budget:g} s")
-        return {smt_method(cfg): smt_lane(cfg, name, args), "bptt": bptt_lane(cfg, name, args)}
-    with ThreadPoolExecutor(2) as pool:
-        smt_run, bptt_run = pool.submit(smt_lane, cfg, name, args), pool.submit(bptt_lane, cfg, name, args)
-        return {smt_method(cfg): smt_run.result(), "bptt": bptt_run.result()}
-
-
-def curve(records, key, x="elapsed"):
-    return [(r[x], r[key]) for r in records if key in r]
-
-
-def probes(cfg, lengths):
+def probes(cfg):
     """Accuracy of the RNN alone (from its empty memory, whole task sequences) on each probe and task length: SMT
-    then DMT against BPTT, every run given the same training seconds (--budget), two runs at a time. SMT's teacher
-    does not learn long tasks within minutes on a CPU, but the RNN it teaches generalises: SMT and DMT train once
-    on tasks of --train_len and their final RNN is scored at every length (--train_len=0: they train at each
-    length, as BPTT does). Batches hold 2,048 tokens (2048 / task_len sequences). One PNG per task: accuracy
-    against training seconds, one line per run."""
+    then DMT against BPTT. SMT's teacher does not learn long tasks within minutes on a CPU, but the RNN it teaches
+    generalises: SMT and DMT train once on tasks of --train_len and their final RNN is then scored at every length
+    (--train_len=0: they train at each length, as BPTT does). Batches hold 2,048 tokens (2048 / task_len sequences)."""
+    lengths = parse_lengths(cfg, [16] if cfg.quick else [64, 256, 1024])
     for task in cfg.tasks.split(","):
         if task not in PROBES:
             raise UsageError(f"--tasks takes probes among {', '.join(PROBES)}, not '{task}'")
-    method = smt_method(cfg)
     for task in cfg.tasks.split(","):
-        def args(L):
-            return [f"--dataset={task}", f"--task_len={L}", f"--batch_size={max(1, 2048 // L)}",
-                    f"--num_symbols={cfg.num_symbols}", f"--eval_interval={cfg.eval_interval}"]
-        with ThreadPoolExecutor(2) as pool:
-            smt_runs = {n: pool.submit(smt_lane, cfg, f"{task}-{n}", args(n))
-                        for n in ([cfg.train_len] if cfg.train_len else lengths)}
-            bptt_runs = {L: pool.submit(bptt_lane, cfg, f"{task}-{L}", args(L)) for L in lengths}
-        series = {}
-        for lane, runs in ((method, smt_runs), ("bptt", bptt_runs)):
-            for n, run in runs.items():
-                records, out = run.result()
-                acc = curve(records, "val_rnn_acc")
-                for L in lengths if lane != "bptt" and cfg.train_len else [n]:
-                    scores = score_at_length(out, L) if L != n else val_scores(records[-1])  # as evaluated
-                    emit(cfg, suite="probes", task=task, task_len=L, trained_len=n, method=lane, **scores,
-                         seconds=acc[-1][0], iters=records[-1]["iter"], curve=acc if cfg.json else len(acc))
-                longer = math.log(n / lengths[0]) / max(1e-9, math.log(lengths[-1] / lengths[0]))
-                shade = 1 - 0.75 * min(1, max(0, longer))  # the longer the training tasks, the paler the line
-                series[f"{lane} {n}"] = (tuple(round(255 - (255 - c) * shade) for c in COLORS[lane]), acc)
-        path = Path(cfg.out) / f"probe-{task}.png"
-        if plot(path, series, "training seconds", f"{task}: RNN accuracy", y_range=(0, 1), x_from=0):
-            emit(cfg, suite="probes", task=task, png=str(path))
+        def lane(method, L):
+            args = [f"--dataset={task}", f"--task_len={L}", f"--batch_size={max(1, 2048 // L)}",
+                    f"--num_symbols={cfg.num_symbols}"]
+            return Lane(method, f"{task}-{L}", args, dict(task=task, task_len=L, trained_len=L), tag=str(L))
+        lanes = [lane("smt", n) for n in ([cfg.train_len] if cfg.train_len else lengths)]
+        for smt_lane, records, out in race(cfg, f"probe-{task}", lanes + [lane("bptt", L) for L in lengths],
+                                           "val_rnn_acc"):
+            for L in lengths if smt_lane.method == "smt" and cfg.train_len else []:
+                if L != cfg.train_len:  # scored as train.py evaluates, at another length
+                    emit(cfg, suite="probes", **(smt_lane.fields | dict(task_len=L)),
+                         method=lane_label(cfg, smt_lane), **score_at_length(out, L), seconds=records[-1]["elapsed"],
+                         iters=records[-1]["iter"])
 
 
 def score_at_length(run_dir, L):
@@ -573,75 +618,44 @@ def load_run(run_dir):
 
 
 def text(cfg):
-    """The RNN's held-out bits per token (from its empty memory, windows of 2 context_len) against training seconds
-    and tokens seen on a text dataset (Shakespeare's bytes), train.py's defaults for the device: SMT then DMT against
-    BPTT. PNGs of both."""
-    race_curves(cfg, "text", race(cfg, "text", [f"--dataset={cfg.dataset}"]), "rnn_bpb",
-                "RNN bits per token (held out)")
-
-
-def race_curves(cfg, suite, logs, key, y_label):
-    """Each lane's last held-out score (as `key`), seconds and tokens seen; PNGs of the RNN's held-out bits against
-    training seconds (<suite>.png) and against training tokens seen (<suite>-tokens.png)."""
-    by_time, by_tokens = {}, {}
-    for method, (records, _) in logs.items():
-        bits = curve(records, "val_rnn_bpb")
-        emit(cfg, suite=suite, method=method, **{key: bits[-1][1]}, seconds=bits[-1][0],
-             tokens=records[-1]["tokens"], iters=records[-1]["iter"], curve=bits if cfg.json else len(bits))
-        by_time[method] = (COLORS[method], bits)
-        by_tokens[method] = (COLORS[method], curve(records, "val_rnn_bpb", x="tokens"))
-    for name, series, x_label in ((suite, by_time, "training seconds"),
-                                  (f"{suite}-tokens", by_tokens, "training tokens seen")):
-        path = Path(cfg.out) / f"{name}.png"
-        if plot(path, series, x_label, y_label, x_from=0):
-            emit(cfg, suite=suite, png=str(path))
+    """The RNN's held-out bits per token (from its empty memory, windows of 2 context_len) on a text dataset
+    (Shakespeare's bytes), train.py's defaults for the device: SMT then DMT against BPTT."""
+    race(cfg, "text", [Lane(m, "text", [f"--dataset={cfg.dataset}"], {}) for m in ("smt", "bptt")], "val_rnn_bpb")
 
 
 def images(cfg):
     """Pixels in raster order (the mnist5k digits: a pip download; by default 14x14 and black or white): SMT then DMT
-    against BPTT, curves as for text, then each RNN alone draws digits from its empty memory and completes held-out
-    digits from their top half (sample.py): PNGs."""
-    logs = race(cfg, "images", [f"--dataset={cfg.dataset}", f"--image_size={cfg.image_size}",
-                                f"--binarize={cfg.binarize}"])
-    race_curves(cfg, "images", logs, "rnn_bits_per_pixel", "RNN bits per pixel (held out)")
-    env = one_thread_env(cfg)
-    for method, (records, run_dir) in logs.items():
+    against BPTT, bits per pixel as for text, then each RNN alone draws digits from its empty memory and completes
+    held-out digits from their top half (sample.py): PNGs."""
+    lanes = [Lane(m, "images", [f"--dataset={cfg.dataset}"], {}) for m in ("smt", "bptt")]
+    for lane, _, run_dir in race(cfg, "images", lanes, "val_rnn_bpb"):
         for rows, kind in ((-1, "completions"), (0, "samples")):  # -1: from the top half
             done = subprocess.run([sys.executable, str(HERE / "sample.py"), f"--out_dir={run_dir}", "--num_samples=8",
                                    f"--prompt_rows={rows}", f"--seed={cfg.seed}", f"--device={cfg.device}"],
-                                  capture_output=True, text=True, env=env)
+                                  capture_output=True, text=True, env=one_thread_env(cfg))
             if done.returncode != 0:
                 raise UsageError(f"sampling {run_dir} failed: {done.stderr.strip().splitlines()[-1]}")
-            path = Path(cfg.out) / f"images-{method.split('+')[0]}-{kind}.png"
+            path = Path(cfg.out) / f"images-{lane.method}-{kind}.png"
             (run_dir / "samples.png").replace(path)
-            emit(cfg, suite="images", method=method, png=str(path))
+            emit(cfg, suite="images", method=lane_label(cfg, lane), png=str(path))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Line plots, with matplotlib when it is installed (pip install -e ".[plot]"); without it the suites still run.
-
-RED, BLUE = (220, 40, 40), (40, 70, 220)
-COLORS = {"smt": BLUE, "smt+dmt": BLUE, "bptt": RED}
-
-
-def longrange(cfg, gaps):
-    """The long-range text probe at each gap: SMT then DMT against BPTT, the same seconds, side by side; the RNN alone
-    from its empty memory, scored at the answers: per answer byte, whole answers and per kind of fact."""
-    for gap in gaps:
-        logs = race(cfg, f"longrange-{gap}", ["--dataset=longrange", f"--gap={gap}", "--eval_iters=8",
-                                              f"--seq_len={gap + 32}", f"--past_horizon={gap + 16}"])
-        for method, (records, out) in logs.items():
-            last = val_scores(records[-1])
-            emit(cfg, suite="longrange", gap=gap, method=method, rnn_acc=last["rnn_acc"],
-                 rnn_whole_acc=last["rnn_whole_acc"], **answers_by_kind(out), seconds=records[-1]["elapsed"],
-                 iters=records[-1]["iter"])
+def longrange(cfg):
+    """The long-range text probe at each gap: SMT then DMT against BPTT; the RNN alone from its empty memory, scored
+    at the answers (train.py's rnn_acc per answer byte, rnn_whole_acc per answer), and per kind of fact."""
+    for gap in parse_lengths(cfg, [16, 32]):
+        args = ["--dataset=longrange", f"--gap={gap}", "--eval_iters=8", f"--seq_len={gap + 32}",
+                f"--past_horizon={gap + 16}"]
+        race(cfg, f"longrange-{gap}", [Lane(m, f"longrange-{gap}", args, dict(gap=gap)) for m in ("smt", "bptt")],
+             "val_rnn_acc", more=answers_by_kind)
 
 
 def answers_by_kind(run_dir, episodes=512):
     """A long-range run's final RNN, from its empty memory, scored per answer byte on held-out episodes of each
-    kind: {key_acc, name_acc, bracket_acc}."""
+    kind: accuracy_by_kind."""
     run, model = load_run(run_dir)
-    x, y = held_out_episodes(run, run.gap, episodes, run.seed)
+    probe = TextProbe(dataclasses.replace(run, min_gap=0), episodes)
+    x, y = probe.get("val", generator=torch.Generator().manual_seed(run.seed))
     with torch.no_grad():
         return accuracy_by_kind(smt.rnn_logits(model, x), x, y)
 
@@ -651,102 +665,6 @@ def accuracy_by_kind(logits, x, y):
     kinds = dict(key=x[:, 0] == ord("k"), name=x[:, 0] == ord("I"))
     kinds["bracket"] = ~(kinds["key"] | kinds["name"])
     return {f"{kind}_acc": smt.accuracy(logits[rows], y[rows], whole=False) for kind, rows in kinds.items()}
-
-
-BYTES_BACK = (1, 4, 8, 16, 24, 32, 40, 48)  # recall: the distances of the record, asked together (the queries
-#                                                 see one another, so each answer depends a little on the set)
-
-
-def recall(cfg, gaps):
-    """A trained long-range run (--run) scored without training, on --episodes held-out episodes at each gap: the
-    share of answer bytes, of whole answers and of answer bytes of each kind that the RNN alone (from its empty
-    memory) and its teacher (from its own memories) name. Then, at the run's own gap, the memories' record of what
-    they read: at every position, whether the decoder's past-target query names the byte s back (Decoder.at_offsets at
-    offset -s), from the teacher's memories and from the RNN's own; for runs with past targets only. It means
-    something after SMT; DMT retrains the readout, which is the decoder's head, on next bytes only. Last, where the
-    RNN's memories part from the teacher's, direction by direction (direction_record)."""
-    if not cfg.run:
-        raise UsageError("--suite=recall scores a trained long-range run: give its out_dir, --run=out/NAME")
-    if not (Path(cfg.run) / "ckpt.pt").is_file():
-        raise UsageError(f"--run={cfg.run} holds no ckpt.pt: give the out_dir of a finished train.py run")
-    run, model = load_run(Path(cfg.run))
-    if run.dataset != "longrange":
-        raise UsageError(f"--suite=recall scores long-range runs, and {cfg.run} trained on {run.dataset}")
-    model.eval()
-    for gap in gaps:
-        x, y = held_out_episodes(run, gap, cfg.episodes, cfg.seed)
-        for memories, logits in answer_logits(model, x).items():
-            emit(cfg, suite="recall", gap=gap, memories=memories, acc=smt.accuracy(logits, y, whole=False),
-                 whole_acc=smt.accuracy(logits, y, whole=True), **accuracy_by_kind(logits, x, y),
-                 episodes=cfg.episodes)
-    if model.encoder is None:
-        return
-    x, y = held_out_episodes(run, run.gap, cfg.episodes, cfg.seed)
-    if run.past_targets:
-        for memories, named in memory_record(model, x, [s for s in BYTES_BACK if s < x.size(1)]).items():
-            emit(cfg, suite="recall", gap=run.gap, memories=memories, **{f"back_{s}": v for s, v in named.items()})
-    for band, record in direction_record(model, x, y).items():
-        emit(cfg, suite="recall", gap=run.gap, directions=band, **record)
-
-
-@torch.no_grad()
-def direction_record(model, x, y):
-    """Where the RNN's memories part from its teacher's, in the principal directions of the teacher's memories (over
-    every position of x): for the leading eighth of the directions, the next three eighths, the last half, and all,
-    {"0-32": {variance: the share of the variance they hold; rollout_error and step_error: the RNN's error in them,
-    as a share of that variance, along its own run from m_empty and one step from the teacher's previous memory;
-    patched_acc: the share of answer bytes the readout names from the RNN's own memories with their coordinates in
-    those directions replaced by the teacher's}}. With all of them replaced the memories are the teacher's."""
-    B, L = x.shape
-    teacher = model.memories(x, torch.arange(-1, L))  # m_empty, m_0 .. m_{L-1}
-    own = torch.stack([m for _, m in smt.rollout(model, model.empty(B), x)], dim=1)
-    one_step = model.step(teacher[:, :-1].flatten(0, 1), x.reshape(-1)).view_as(own)
-    t, r, s = (m.flatten(2).float() for m in (teacher[:, 1:], own, one_step))
-    Z = t.size(-1)
-    var, basis = torch.linalg.eigh(torch.cov(t.reshape(-1, Z).T))
-    var, basis = var.clamp(min=0).flip(0), basis.flip(1)  # the leading directions first
-    record = {}
-    for a, b in ((0, Z // 8), (Z // 8, Z // 2), (Z // 2, Z), (0, Z)):
-        band = basis[:, a:b]
-        error = lambda m: ((((m - t) @ band) ** 2).mean(dim=(0, 1)).sum() / var[a:b].sum().clamp(min=1e-12)).item()
-        patched = r + ((t - r) @ band) @ band.T
-        logits = model.readout(patched.view_as(own).flatten(0, 1)).view(B, L, -1)
-        record[f"{a}-{b}"] = dict(variance=(var[a:b].sum() / var.sum()).item(), rollout_error=error(r),
-                                  step_error=error(s), patched_acc=smt.accuracy(logits, y, whole=False))
-    return record
-
-
-def held_out_episodes(run, gap, episodes, seed):
-    """Held-out long-range episodes at `gap` (x, y), the same for every run given the same seed."""
-    probe = TextProbe(dataclasses.replace(run, gap=gap, min_gap=0), episodes)
-    return probe.get("val", generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def answer_logits(model, x):
-    """{"rnn": its readout at every byte of x, from m_empty; "teacher": its readout of its own memories} (B, L, V)."""
-    logits = {"rnn": smt.rnn_logits(model, x)}
-    if model.encoder is not None:
-        memories = model.memories(x, torch.arange(x.size(1)))
-        logits["teacher"] = model.readout(memories.flatten(0, 1)).view(*x.shape, -1)
-    return logits
-
-
-@torch.no_grad()
-def memory_record(model, x, distances):
-    """{"teacher", "rnn": {s: the share of positions t (t >= s - 1) whose memory m_t, asked by the decoder for the
-    byte s back (y_{t-s} = x_{t-s+1}), names it}}."""
-    B, L = x.shape
-    offsets = -torch.tensor(distances)
-    memories = dict(teacher=model.memories(x, torch.arange(L)),
-                    rnn=torch.stack([m for _, m in smt.rollout(model, model.empty(B), x)], dim=1))
-    record = {}
-    for name, m in memories.items():
-        named = model.decoder.at_offsets(m.flatten(0, 1), offsets).argmax(-1).view(B, L, -1)
-        record[name] = {}
-        for i, s in enumerate(distances):  # named[:, t, i] against x[:, t - s + 1]
-            record[name][s] = (named[:, s - 1:, i] == x[:, : L - s + 1]).float().mean().item()
-    return record
 
 
 @functools.cache
@@ -787,6 +705,7 @@ def plot(path, series, x_label, y_label, log_y=False, y_range=None, x_from=None)
 # ---------------------------------------------------------------------------------------------------------------
 
 def parse_lengths(cfg, default):
+    """--lengths as increasing whole numbers (at least 2), or the suite's default."""
     if not cfg.lengths:
         return default
     try:
@@ -798,33 +717,35 @@ def parse_lengths(cfg, default):
     return lengths
 
 
-def main(argv):
+def one_length(cfg, default):
+    lengths = parse_lengths(cfg, [default])
+    if len(lengths) != 1:
+        raise UsageError(f"--suite={cfg.suite} takes one length, not '{cfg.lengths}'")
+    return lengths[0]
+
+
+SUITES = dict(scaling=scaling, throughput=throughput, inference=inference, gradients=gradients, gpu=gpu_suite,
+              probes=probes, text=text, images=images, longrange=longrange)
+
+
+def settings(argv):
+    """The command line checked, on top of its race's settings (the command line wins)."""
     cfg, given = parse_overrides(BenchConfig(), argv)
     if cfg.suite not in SUITES:
         raise UsageError(f"--suite must be one of {', '.join(SUITES)}, not '{cfg.suite}'")
     for key in ("repeats", "tokens", "batch_size", "threads"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"--{key} must not be negative, not {getattr(cfg, key)}")
-    if cfg.episodes < 1:
-        raise UsageError(f"--episodes must be positive, not {cfg.episodes}")
     if cfg.train_len < 0 or 0 < cfg.train_len < 8:
         raise UsageError(f"--train_len must be 0 (train at each length) or a task length of at least 8, "
                          f"not {cfg.train_len}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.device != "cpu" and cfg.suite == "probes":
-        raise UsageError("--suite=probes runs on cpu: its many small runs go two at a time, one thread each")
-    if cfg.suite in SUITE_DEFAULTS:
-        defaults = dict(SUITE_DEFAULTS[cfg.suite])
-        if cfg.device != "cpu" and cfg.suite in ("text", "images"):
-            defaults.update(GPU_RACE, **(GPU_IMAGES if cfg.suite == "images" else {}))
-        defaults.update(QUICK if cfg.quick else {})
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
-        if cfg.budget <= 0 or not 0 <= cfg.dmt_share < 1 or cfg.eval_interval <= 0:
-            raise UsageError("--budget and --eval_interval must be positive, --dmt_share in [0, 1)")
     if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
         raise UsageError(f"--device must be cpu, cuda or cuda:N, not '{cfg.device}'")
-    if cfg.suite == "gpu" and cfg.device == "cpu" and "device" not in given:
+    if cfg.device != "cpu" and cfg.suite == "probes":
+        raise UsageError("--suite=probes runs on cpu: its many small runs go two at a time, one thread each")
+    if cfg.act_ckpt not in ("none", "cell", "all"):
+        raise UsageError(f"--act_ckpt must be one of none, cell, all, not '{cfg.act_ckpt}'")
+    if cfg.suite == "gpu" and "device" not in given:
         cfg.device = "cuda"
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--suite={cfg.suite} --device={cfg.device}: CUDA is not available here" +
@@ -832,27 +753,20 @@ def main(argv):
                           else "; run on --device=cpu"))
     if cfg.suite == "gpu" and cfg.device == "cpu" and not cfg.quick:
         raise UsageError("--suite=gpu measures a GPU: on CPU only its tiny rehearsal runs (--quick --device=cpu)")
-    if cfg.act_ckpt not in ("none", "cell", "all"):
-        raise UsageError(f"--act_ckpt must be one of none, cell, all, not '{cfg.act_ckpt}'")
-    if cfg.suite == "gpu":
-        gpu_suite(cfg)
-    elif cfg.suite == "probes":
-        probes(cfg, parse_lengths(cfg, [16] if cfg.quick else [64, 256, 1024]))
-    elif cfg.suite == "longrange":
-        longrange(cfg, parse_lengths(cfg, [16, 32]))
-    elif cfg.suite == "recall":
-        recall(cfg, parse_lengths(cfg, [16, 32]))
-    elif cfg.suite in ("text", "images"):
-        (text if cfg.suite == "text" else images)(cfg)
-    elif cfg.suite == "scaling":
-        scaling(cfg, parse_lengths(cfg, [64, 128, 256, 512, 1024]))
-    elif cfg.suite == "inference":
-        inference(cfg, parse_lengths(cfg, [512, 1024, 2048, 4096]))
-    else:
-        lengths = parse_lengths(cfg, [256] if cfg.suite == "throughput" or not cfg.quick else [128])
-        if len(lengths) != 1:
-            raise UsageError(f"--suite={cfg.suite} takes one length, not '{cfg.lengths}'")
-        (throughput if cfg.suite == "throughput" else gradients)(cfg, lengths[0])
+    race_settings = RACES.get(f"{cfg.suite}-cuda" if cfg.device != "cpu" else cfg.suite, RACES.get(cfg.suite))
+    if race_settings is not None:
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in (race_settings | (QUICK if cfg.quick else {})).items()
+                                          if k not in given})
+        if cfg.budget <= 0 or not 0 <= cfg.dmt_share < 1 or cfg.eval_interval <= 0:
+            raise UsageError("--budget and --eval_interval must be positive, --dmt_share in [0, 1)")
+    return cfg
+
+
+def main(argv):
+    cfg = settings(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    SUITES[cfg.suite](cfg)
 
 
 if __name__ == "__main__":
