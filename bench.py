@@ -21,8 +21,9 @@ that a machine shared with other work slows all of them alike):
     python bench.py --suite=scaling --quick --json    # small sizes (< 2 minutes on 2 cores), one JSON per line
     python bench.py --suite=scaling --device=cuda     # the timing suites on a GPU (synchronised timing)
 
-Races: SMT then DMT (one lane) against BPTT (the other), real train.py runs given the same training seconds, two at
-a time with one thread each on a CPU (one after the other on a GPU); each lane prints its last held-out scores
+Races: SMT then DMT (one lane) against BPTT of the same cell and against torch's own nn.LSTM by BPTT (the RNN a user
+would pick), real train.py runs given the same training seconds: on a CPU two lanes at a time, one thread each, the
+third starting when one ends; on a GPU one after the other. Each lane prints its last held-out scores
 (train.py's val_* numbers), seconds, tokens seen and iterations, and a PNG plots its curve against training seconds
 and one against tokens seen. Their runs stay in --out.
 
@@ -30,7 +31,7 @@ and one against tokens seen. Their runs stay in --out.
     python bench.py --suite=text         # Shakespeare's bytes: the RNN's held-out bits per byte
     python bench.py --suite=images       # 14x14 black-and-white digits: bits per pixel, then digits drawn, completed
     python bench.py --suite=longrange    # the long-range text probe at gaps 16 and 32: recall, and per kind of fact
-    python bench.py --suite=text --device=cuda   # the race on one GPU, paper shapes, the lanes in turn: ~8 minutes
+    python bench.py --suite=text --device=cuda   # the race on one GPU, paper shapes, the lanes in turn: < 9 min
 
 Plots need matplotlib (pip install -e ".[plot]"); without it every suite still runs and prints its numbers.
 Diagnostics of trained runs live in dev/ (python dev/recall.py --help).
@@ -78,30 +79,32 @@ class BenchConfig:
     threads: int = 0  # torch threads; 0: torch's default (1 is steadier on a machine shared with other jobs)
     seed: int = 1337  # random batches and initial weights; the races' runs get it as --seed
     device: str = "cpu"  # cpu | cuda | cuda:N: where the suites run (gpu: cuda unless --quick --device=cpu, its tiny
-    #                      CPU rehearsal; text, images: on cpu the two lanes run side by side, on cuda in turn)
+    #                      CPU rehearsal; the races: on cpu two lanes at a time, on cuda one after the other)
     act_ckpt: str = "none"  # gpu: activation checkpointing of the steps (train.py's --act_ckpt)
     compile: bool = True  # gpu: torch.compile each part for its shape, as train.py does (False: eager, to compare)
     # races (probes, text, images, longrange): training runs of train.py, two at a time, one thread each
     dataset: str = ""  # text: any text dataset of train.py (shakespeare); images: an image dataset (mnist5k)
-    budget: float = 0.0  # training seconds per lane; 0: the race's (probes 360, text, images, longrange 600; GPU 140)
+    budget: float = 0.0  # training seconds per lane; 0: the race's (probes 360, text, images, longrange 600; GPU 80)
     dmt_share: float = 0.2  # of the SMT lane's budget, the share spent on DMT after SMT (0: SMT alone)
     tasks: str = "retrieval,copy,stack"  # probes: which
     train_len: int = 64  # probes: SMT and DMT train once on tasks this long; their RNN is scored at every length
     #                      (its teacher does not learn longer tasks in minutes; the RNN generalises); 0: each length
     num_symbols: int = 4  # probes: few symbols, so that tiny models leave the chance plateau within minutes
     eval_interval: int = 0  # iterations between evaluations (points on the curves); 0: the race's
-    eval_seconds: float = 0.0  # also evaluate every this many training seconds (0: off; GPU: 50)
+    eval_seconds: float = 0.0  # also evaluate every this many training seconds (0: off; GPU: 40)
     args: str = ""  # extra train.py settings for every lane, space-separated; "": the race's
     smt_args: str = ""  # the same for the SMT run alone
-    bptt_args: str = ""  # the same for BPTT
+    bptt_args: str = ""  # the same for BPTT of the same cell
     dmt_args: str = ""  # the same for DMT
+    torch_args: str = ""  # the same for the torch lane (after TORCH_RNN's settings)
+    lanes: str = "smt,bptt,torch"  # which lanes race: smt (then DMT), bptt (the same cell), torch (nn.LSTM by BPTT)
 
 
 # The races' settings, with which the README's numbers ran; --quick shrinks them for the tests.
 # images: 14x14 black-and-white digits (196 tokens, vocab 2), each SMT window one whole digit from its first pixel;
-# a GRU cell and a one-layer decoder readout in both lanes: on one CPU thread a BPTT step on 196 pixels costs about a
-# quarter of the Transformer cell's, so each lane gets some 1,000 steps in 10 minutes.
-# longrange: batches of 8 (many steps: recall is learnt late), training gaps mixed over [1, gap]; BPTT unrolls over
+# a GRU cell and a one-layer decoder readout in SMT's and BPTT's lanes: on one CPU thread a BPTT step on 196 pixels
+# costs about a quarter of the Transformer cell's, so each lane gets some 1,000 steps in 10 minutes.
+# longrange: batches of 8 (many steps: recall is learnt late), training gaps mixed over [1, gap]; BPTTs unroll over
 # gap + 32 bytes (the longest episode, gap + 23, and more), SMT has past targets reaching gap + 16 bytes back (they cost
 # bits/byte on Shakespeare, so they are not train.py's default); scored at gap.
 RACES = dict(
@@ -109,22 +112,30 @@ RACES = dict(
     text=dict(dataset="shakespeare", budget=600, eval_interval=100),
     images=dict(dataset="mnist5k", budget=600, eval_interval=100,
                 args="--image_size=14 --binarize=True --batch_size=16 --cell=gru --decoder_depth=1",
-                smt_args="--context_len=180 --future_len=16", bptt_args="--seq_len=196"),
+                smt_args="--context_len=180 --future_len=16", bptt_args="--seq_len=196", torch_args="--seq_len=196"),
     longrange=dict(budget=600, eval_interval=1000, args="--batch_size=8 --min_gap=1", smt_args="--past_targets=16"),
 )
 QUICK = dict(budget=8, eval_interval=1000)  # one evaluation, at the end
-# On one GPU, about 8 minutes all included: train.py's CUDA defaults (the paper's shapes, batch 128), 140 s of training
-# a lane, in turn, evaluations every 50 s (128 held-out windows). SMT and BPTT compiled (on one H200: 0.25 s an SMT
-# step, 2.55 s a BPTT step; the compile warm-ups are not training time), DMT eager (its 28 s would not repay a
-# compile). Learning rates and warmups reasoned, not tuned: SMT the paper's 3e-4, BPTT 1e-3 for its some 55 steps,
-# warmups near a tenth of the steps; DMT the paper's 3e-5, cosine. Images: one digit a window, as on CPU.
-GPU = dict(budget=140, eval_interval=10 ** 9, eval_seconds=50, args="--eval_iters=1", smt_args="--warmup_iters=30",
-           bptt_args="--lr=1e-3 --warmup_iters=3", dmt_args="--warmup_iters=3 --compile=False")
+# The torch lane: torch.nn.LSTM as a user trains it, one layer, hidden 256 (h and c: 8 memory tokens of 64), embedding
+# 64, a linear readout of h, BPTT over 128 bytes, the fused whole-sequence call; lr 1e-2 won a sweep at the text race's
+# budget (docs/results.md). The images race unrolls it over a whole digit (its torch_args).
+TORCH_RNN = "--cell=nn_lstm --readout=linear --mem_tokens=8 --seq_len=128 --lr=1e-2"
+# On one GPU, within one 9-minute call (not yet measured with three lanes): train.py's CUDA defaults (the paper's
+# shapes, batch 128), 80 s of training a lane, in turn, evaluations every 40 s (128 held-out windows). SMT and BPTT
+# compiled (on one H200: 0.25 s an SMT step, 2.55 s a BPTT step; the compile warm-ups are not training time), DMT
+# and the torch lane eager (DMT's 16 s would not repay a compile; cuDNN's LSTM is one fused call already). Learning
+# rates and warmups reasoned, not tuned: SMT the paper's 3e-4, BPTT 1e-3 for its some 30 steps, warmups near a tenth
+# of the steps; DMT the paper's 3e-5, cosine; the torch lane (hidden 1,024 at d_model 256) 2e-3. Images: one digit a
+# window, as on CPU.
+GPU = dict(budget=80, eval_interval=10 ** 9, eval_seconds=40, args="--eval_iters=1", smt_args="--warmup_iters=30",
+           bptt_args="--lr=1e-3 --warmup_iters=3", dmt_args="--warmup_iters=3 --compile=False",
+           torch_args="--lr=2e-3 --warmup_iters=10 --compile=False")
 RACES["text-cuda"] = RACES["text"] | GPU
 RACES["images-cuda"] = RACES["images"] | GPU | dict(args="--image_size=14 --binarize=True --eval_iters=1",
                                                     smt_args=GPU["smt_args"] + " --context_len=180 --future_len=16",
                                                     bptt_args=GPU["bptt_args"] + " --seq_len=196",
-                                                    dmt_args=GPU["dmt_args"] + " --dmt_steps=195")
+                                                    dmt_args=GPU["dmt_args"] + " --dmt_steps=195",
+                                                    torch_args=GPU["torch_args"] + " --seq_len=196")
 
 
 def emit(cfg, **record):
@@ -472,15 +483,16 @@ def gpu_generation(cfg, model, batch_sizes, num_new, device, bf16):
 # training seconds (train.py's time_budget: evaluation is not counted), the SMT lane's split by --dmt_share. race()
 # runs them and reports; the suites below it only choose the data and the settings.
 
-RED, BLUE = (220, 40, 40), (40, 70, 220)
-COLORS = {"smt": BLUE, "bptt": RED}
+RED, BLUE, GREEN = (220, 40, 40), (40, 70, 220), (30, 150, 60)
+COLORS = {"smt": BLUE, "bptt": RED, "torch": GREEN}
 
 
 @dataclass
 class Lane:
-    """One lane of a race: a BPTT run, or an SMT run and then DMT on its RNN (unless --dmt_share=0)."""
-    method: str  # smt | bptt
-    name: str  # its runs' folders in --out: <name>-smt and <name>-dmt, or <name>-bptt
+    """One lane of a race: a BPTT run (of the same cell, or of torch's LSTM), or an SMT run and then DMT on its RNN
+    (unless --dmt_share=0)."""
+    method: str  # smt | bptt | torch
+    name: str  # its runs' folders in --out: <name>-smt and <name>-dmt, <name>-bptt or <name>-torch
     args: list  # train.py settings, before the lane's own (--smt_args, ...)
     fields: dict  # what its lines say of it besides its scores (the task, its length)
     tag: str = ""  # its name in the plots, after the method's
@@ -524,9 +536,10 @@ def run_lane(cfg, lane):
     records count elapsed, iter and tokens from SMT's start (its first, the SMT run's RNN again, is left out)."""
     common = [*lane.args, f"--eval_interval={cfg.eval_interval}", f"--eval_seconds={cfg.eval_seconds}",
               *cfg.args.split()]
-    if lane.method == "bptt":
-        return train(cfg, f"{lane.name}-bptt", [f"--time_budget={cfg.budget}", "--method=bptt", *common,
-                                                *cfg.bptt_args.split()])
+    if lane.method != "smt":
+        extra = cfg.bptt_args.split() if lane.method == "bptt" else [*TORCH_RNN.split(), *cfg.torch_args.split()]
+        return train(cfg, f"{lane.name}-{lane.method}", [f"--time_budget={cfg.budget}", "--method=bptt", *common,
+                                                         *extra])
     smt_budget = round(cfg.budget * (1 - cfg.dmt_share))
     records, out = train(cfg, f"{lane.name}-smt", [f"--time_budget={smt_budget}", "--method=smt", *common,
                                                    *cfg.smt_args.split()])
@@ -539,8 +552,13 @@ def run_lane(cfg, lane):
                            tokens=r["tokens"] + last["tokens"]) for r in dmt[1:]], out
 
 
+def chosen(cfg):
+    """--lanes as a list, in the order given."""
+    return cfg.lanes.split(",")
+
+
 def lane_label(cfg, lane):
-    return "smt+dmt" if lane.method == "smt" and cfg.dmt_share else lane.method
+    return "smt+dmt" if lane.method == "smt" and cfg.dmt_share else "nn.lstm" if lane.method == "torch" else lane.method
 
 
 def race(cfg, name, lanes, metric, more=None):
@@ -550,7 +568,7 @@ def race(cfg, name, lanes, metric, more=None):
     tokens seen, iterations, the curve of `metric` (its points with --json, else their number), and more(folder of
     its last run) if given. Plots `metric` against training seconds (<name>.png) and tokens seen (<name>-tokens.png).
     Returns [(lane, [log records], folder of its last run)]."""
-    if cfg.device == "cpu":
+    if cfg.device == "cpu":  # a third lane starts when one of the first two ends: always two at a time
         with ThreadPoolExecutor(2) as pool:
             logs = [(lane, *run) for lane, run in zip(lanes, pool.map(functools.partial(run_lane, cfg), lanes))]
     else:
@@ -589,9 +607,9 @@ def probes(cfg):
             args = [f"--dataset={task}", f"--task_len={L}", f"--batch_size={max(1, 2048 // L)}",
                     f"--num_symbols={cfg.num_symbols}"]
             return Lane(method, f"{task}-{L}", args, dict(task=task, task_len=L, trained_len=L), tag=str(L))
-        lanes = [lane("smt", n) for n in ([cfg.train_len] if cfg.train_len else lengths)]
-        for smt_lane, records, out in race(cfg, f"probe-{task}", lanes + [lane("bptt", L) for L in lengths],
-                                           "val_rnn_acc"):
+        lanes = [lane("smt", n) for n in ([cfg.train_len] if cfg.train_len else lengths) if "smt" in chosen(cfg)]
+        lanes += [lane(m, L) for m in chosen(cfg) if m != "smt" for L in lengths]
+        for smt_lane, records, out in race(cfg, f"probe-{task}", lanes, "val_rnn_acc"):
             for L in lengths if smt_lane.method == "smt" and cfg.train_len else []:
                 if L != cfg.train_len:  # scored as train.py evaluates, at another length
                     emit(cfg, suite="probes", **(smt_lane.fields | dict(task_len=L)),
@@ -620,14 +638,14 @@ def load_run(run_dir):
 def text(cfg):
     """The RNN's held-out bits per token (from its empty memory, windows of 2 context_len) on a text dataset
     (Shakespeare's bytes), train.py's defaults for the device: SMT then DMT against BPTT."""
-    race(cfg, "text", [Lane(m, "text", [f"--dataset={cfg.dataset}"], {}) for m in ("smt", "bptt")], "val_rnn_bpb")
+    race(cfg, "text", [Lane(m, "text", [f"--dataset={cfg.dataset}"], {}) for m in chosen(cfg)], "val_rnn_bpb")
 
 
 def images(cfg):
     """Pixels in raster order (the mnist5k digits: a pip download; by default 14x14 and black or white): SMT then DMT
     against BPTT, bits per pixel as for text, then each RNN alone draws digits from its empty memory and completes
     held-out digits from their top half (sample.py): PNGs."""
-    lanes = [Lane(m, "images", [f"--dataset={cfg.dataset}"], {}) for m in ("smt", "bptt")]
+    lanes = [Lane(m, "images", [f"--dataset={cfg.dataset}"], {}) for m in chosen(cfg)]
     for lane, _, run_dir in race(cfg, "images", lanes, "val_rnn_bpb"):
         for rows, kind in ((-1, "completions"), (0, "samples")):  # -1: from the top half
             done = subprocess.run([sys.executable, str(HERE / "sample.py"), f"--out_dir={run_dir}", "--num_samples=8",
@@ -646,7 +664,7 @@ def longrange(cfg):
     for gap in parse_lengths(cfg, [16, 32]):
         args = ["--dataset=longrange", f"--gap={gap}", "--eval_iters=8", f"--seq_len={gap + 32}",
                 f"--past_horizon={gap + 16}"]
-        race(cfg, f"longrange-{gap}", [Lane(m, f"longrange-{gap}", args, dict(gap=gap)) for m in ("smt", "bptt")],
+        race(cfg, f"longrange-{gap}", [Lane(m, f"longrange-{gap}", args, dict(gap=gap)) for m in chosen(cfg)],
              "val_rnn_acc", more=answers_by_kind)
 
 
@@ -759,6 +777,8 @@ def settings(argv):
                                           if k not in given})
         if cfg.budget <= 0 or not 0 <= cfg.dmt_share < 1 or cfg.eval_interval <= 0:
             raise UsageError("--budget and --eval_interval must be positive, --dmt_share in [0, 1)")
+        if not chosen(cfg) or not set(chosen(cfg)) <= set(COLORS) or len(set(chosen(cfg))) < len(chosen(cfg)):
+            raise UsageError(f"--lanes takes some of {', '.join(COLORS)}, comma-separated, not '{cfg.lanes}'")
     return cfg
 
 

@@ -104,10 +104,11 @@ def png_size(path):
     return struct.unpack(">II", data[16:24])
 
 
-def lanes_raced(out, suite, key):
-    """The records of a reproduction: SMT then DMT in one lane, BPTT in the other, each with a score and iterations."""
+def lanes_raced(out, suite, key, lanes=("smt+dmt", "bptt")):
+    """The records of a race: SMT then DMT in one lane, BPTT in another (and the torch lane), each with a score and
+    iterations."""
     scores = {r["method"]: r for r in out if key in r}
-    assert set(scores) == {"smt+dmt", "bptt"}
+    assert set(scores) == set(lanes)
     for r in scores.values():
         assert r["suite"] == suite and r["iters"] > 0 and r["seconds"] > 0 and math.isfinite(r[key])
     return scores
@@ -116,7 +117,7 @@ def lanes_raced(out, suite, key):
 def test_probes_race_smt_then_dmt_against_bptt(tmp_path):
     """SMT then DMT train once on short tasks and are scored at every length; BPTT trains at each length."""
     out = records(tmp_path, "--suite=probes", "--tasks=retrieval", "--lengths=16,24", "--train_len=16",
-                  "--budget=5", "--out=runs")
+                  "--budget=5", "--out=runs", "--lanes=smt,bptt")
     scores = {(r["method"], r["task_len"]): r for r in out if "rnn_acc" in r}
     assert set(scores) == {(m, L) for m in ("smt+dmt", "bptt") for L in (16, 24)}
     assert [scores["smt+dmt", L]["trained_len"] for L in (16, 24)] == [16, 16]
@@ -144,25 +145,31 @@ def test_probes_race_smt_then_dmt_against_bptt(tmp_path):
 
 
 def test_text_race(tmp_path, text_file):
+    """All three lanes, two at a time: SMT then DMT, BPTT of the same cell, torch's nn.LSTM by BPTT (its settings as
+    bench.TORCH_RNN says)."""
     out = records(tmp_path, "--suite=text", f"--dataset={text_file}", "--budget=6", "--out=runs")
-    scores = lanes_raced(out, "text", "rnn_bpb")
+    scores = lanes_raced(out, "text", "rnn_bpb", ("smt+dmt", "bptt", "nn.lstm"))
     runs = tmp_path / "runs"
-    for method, run_dir in (("bptt", "text-bptt"), ("smt+dmt", "text-dmt")):  # each lane's last evaluation
+    for method, run_dir in (("bptt", "text-bptt"), ("smt+dmt", "text-dmt"), ("nn.lstm", "text-torch")):
         last = json.loads((runs / run_dir / "log.jsonl").read_text().splitlines()[-1])
         assert scores[method]["rnn_bpb"] == last["val_rnn_bpb"]
     # tokens seen: batch 32 of train.py's CPU defaults; BPTT reads 64 tokens a sequence, SMT and DMT 64 + 8
     assert scores["bptt"]["tokens"] == scores["bptt"]["iters"] * 32 * 64
     assert scores["smt+dmt"]["tokens"] == scores["smt+dmt"]["iters"] * 32 * 72
+    assert scores["nn.lstm"]["tokens"] == scores["nn.lstm"]["iters"] * 32 * 128
+    config = torch.load(runs / "text-torch" / "ckpt.pt", weights_only=True)["config"]
+    assert (config["method"], config["cell"], config["readout"], config["mem_tokens"], config["lr"]) == \
+        ("bptt", "nn_lstm", "linear", 8, 1e-2)
     assert {Path(r["png"]).name for r in out if "png" in r} == {"text.png", "text-tokens.png"}
     for name in ("text.png", "text-tokens.png"):
         assert png_size(runs / name) == (720, 420)
-        assert drawn_colors(runs / name) == {"blue", "red"}  # one curve per lane
+        assert drawn_colors(runs / name) == {"blue", "red", "green"}  # one curve per lane
 
 
 def drawn_colors(path):
     """Which of the lanes' colors (bench.COLORS) a plot has pixels of."""
     pixels = np.round(pytest.importorskip("matplotlib.image").imread(path)[..., :3] * 255)
-    return {name for name, rgb in (("blue", bench.BLUE), ("red", bench.RED))
+    return {name for name, rgb in (("blue", bench.BLUE), ("red", bench.RED), ("green", bench.GREEN))
             if (np.abs(pixels - rgb).max(axis=-1) < 8).sum() > 50}
 
 
@@ -170,7 +177,7 @@ def test_longrange_race_scores_each_kind_of_fact(tmp_path):
     """SMT then DMT against BPTT on the long-range probe at one gap: BPTT unrolls over gap + 32 bytes, SMT's past
     targets reach gap + 16 bytes back, both train on mixed gaps; each lane's scores are its last evaluation's and its
     final RNN's per kind of fact."""
-    out = records(tmp_path, "--suite=longrange", "--lengths=8", "--budget=6", "--out=runs")
+    out = records(tmp_path, "--suite=longrange", "--lengths=8", "--budget=6", "--out=runs", "--lanes=smt,bptt")
     scores = lanes_raced(out, "longrange", "rnn_acc")
     runs = tmp_path / "runs"
     for method, run_dir in (("bptt", "longrange-8-bptt"), ("smt+dmt", "longrange-8-dmt")):
@@ -227,7 +234,8 @@ def test_images_race_draws_and_completes_digits(tmp_path, server):
                          "t10k-images-idx3-ubyte.gz": idx_images(digits[9:])})
     data.prepare(data.DataConfig("mnist", str(tmp_path / "data"), url=server.url, image_size=14, binarize=True))
     out = records(tmp_path, "--suite=images", "--dataset=mnist", "--budget=6", "--out=runs", "--smt_args=--context_len"
-                  "=32 --future_len=8 --batch_size=8", "--bptt_args=--seq_len=64 --batch_size=4")  # 14x14, 0/1
+                  "=32 --future_len=8 --batch_size=8", "--bptt_args=--seq_len=64 --batch_size=4",
+                  "--lanes=smt,bptt")  # 14x14, 0/1
     lanes_raced(out, "images", "rnn_bpb")
     pngs = {Path(r["png"]).name for r in out if "png" in r}
     assert pngs == {"images.png", "images-tokens.png"} | {f"images-{lane}-{kind}.png" for lane in ("smt", "bptt")
@@ -298,6 +306,7 @@ def test_bad_input_cli(tmp_path, args, message):
     (["--suite=probes", "--train_len=4"], "--train_len must be 0"),
     (["--suite=text", "--dmt_share=1"], r"--dmt_share in \[0, 1\)"),
     (["--suite=images", "--budget=0"], "--budget and --eval_interval must be positive"),
+    (["--suite=text", "--lanes=smt,lstm"], "--lanes takes some of smt, bptt, torch"),
     (["--suite=gpu", "--device=cpu"], "on CPU only its tiny rehearsal runs"),
     (["--suite=scaling", "--device=tpu"], "--device must be cpu, cuda or cuda:N"),
     (["--suite=gpu", "--quick", "--device=cpu", "--act_ckpt=some"], "--act_ckpt must be one of"),
