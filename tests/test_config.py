@@ -72,7 +72,7 @@ def test_help_piped_into_a_reader_that_stops_early_exits_quietly():
 def test_field_comments_read_continued_comments():
     comments, sections = cli.field_comments(bench.BenchConfig)
     assert comments["lengths"].startswith("comma-separated")
-    assert comments["lengths"].endswith("probes: task lengths; longrange, recall: the gaps")
+    assert comments["lengths"].endswith("probes: task lengths; longrange: the gaps")
     assert sections["lengths"] == "" and sections["dataset"].startswith("reproductions")
 
 

@@ -24,6 +24,7 @@ class ShiftRegister(torch.nn.Module):
         super().__init__()
         self.decoder = self
         self.encoder = self
+        self.cell = None  # no fused run(): smt.read steps it with step()
 
     def empty(self, batch):
         return torch.zeros(batch, 3, 256)
