@@ -73,7 +73,7 @@ def test_field_comments_read_continued_comments():
     comments, sections = cli.field_comments(bench.BenchConfig)
     assert comments["lengths"].startswith("comma-separated")
     assert comments["lengths"].endswith("probes: task lengths; longrange: the gaps")
-    assert sections["lengths"] == "" and sections["dataset"].startswith("reproductions")
+    assert sections["lengths"] == "" and sections["dataset"].startswith("races")
 
 
 @pytest.mark.parametrize("arg, message", [
