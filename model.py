@@ -326,8 +326,8 @@ class TorchGRU(nn.Module):
 
 class TorchLSTM(nn.Module):
     """torch.nn.LSTM as a user would train it by BPTT: one layer, h in the first half of the memory tokens and c in
-    the second, no normalisation. The fused call returns every step's h but not its c, so run() gives the readable
-    half (h) of each memory, the last one whole; the readout reads h alone (out_tokens), as an LSTM's does."""
+    the second, no normalisation. The fused call returns every step's h but not its c, so run() gives each memory's
+    readable half (h); the readout reads h alone (out_tokens), as an LSTM's does."""
 
     def __init__(self, d, n_heads, depth, mem_tokens):
         super().__init__()

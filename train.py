@@ -164,12 +164,13 @@ class Trainer:
     def __init__(self, cfg, ckpt):
         self.cfg, self.start_iter, self.elapsed_before, self.skipped, self.bad_in_a_row = cfg, 0, 0.0, 0, 0
         self.seen = 0  # training tokens read so far, over all ranks (a GPU race compares methods by it)
+        self.method = smt.METHODS[cfg.method]  # its loss, and whether it has (or refines) a teacher
         self.start_processes()
         self.load_data()
         self.build(ckpt)
         if ckpt is not None and cfg.init_from == "resume":
             self.resume(ckpt)
-        self.loss_fn = smt.METHODS[cfg.method].loss
+        self.loss_fn = self.method.loss
         self.out = Path(cfg.out_dir)
         self.measure_and_compile()
         if self.master:
@@ -220,7 +221,7 @@ class Trainer:
     def build(self, ckpt):
         """The model (with the checkpoint's weights), what of it trains, and the optimizer."""
         cfg, vocab_size = self.cfg, self.meta["vocab_size"]
-        model = smt.build_model(dataclasses.asdict(cfg), vocab_size, smt.METHODS[cfg.method].teacher).to(self.device)
+        model = smt.build_model(dataclasses.asdict(cfg), vocab_size, self.method.teacher).to(self.device)
         if ckpt is not None:
             source = f"{cfg.init_from} (this model: vocab {vocab_size} of {cfg.dataset}, {cfg.method})"
             if fresh_rnn(cfg):  # only the teacher's weights; the RNN (and a linear readout) start afresh
@@ -229,7 +230,7 @@ class Trainer:
             else:
                 load_weights(model, ckpt["model"], source)
         model.set_act_ckpt(cfg.act_ckpt)
-        if smt.METHODS[cfg.method].refines:  # DMT: the teacher's memories are its fixed targets
+        if self.method.refines:  # DMT: the teacher's memories are its fixed targets
             model.encoder.requires_grad_(False)
         if cfg.freeze == "teacher" and model.encoder is not None:
             model.encoder.requires_grad_(False)
@@ -286,7 +287,7 @@ class Trainer:
     def train(self):
         """The loop; returns the iteration it ended at and the signal that stopped it (None if none did)."""
         cfg, it = self.cfg, self.start_iter
-        refines = smt.METHODS[cfg.method].refines
+        refines = self.method.refines
         if refines and it == 0 and self.master:  # the drift before refining, to compare with the drift after
             self.log_eval(0, 0.0, with_drift=True)
         stop = []  # signals received; the loop saves a checkpoint and ends at the next step
