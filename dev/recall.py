@@ -20,9 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's mo
 import torch  # noqa: E402
 
 import smt  # noqa: E402
-from checkpoint import load_checkpoint, load_weights  # noqa: E402
+from bench import accuracy_by_kind, load_run  # noqa: E402
 from cli import UsageError, options_help, parse_overrides, run_cli  # noqa: E402
-from config import Config, known_settings  # noqa: E402
 from data import TextProbe  # noqa: E402
 
 BYTES_BACK = (1, 4, 8, 16, 24, 32, 40, 48)  # the distances of memory_record, asked together (the queries see one
@@ -39,15 +38,11 @@ class RecallConfig:
 
 def load(cfg):
     """The run named by cfg.run: (its Config, its model in eval mode), checked to be a long-range run."""
-    path = Path(cfg.run) / "ckpt.pt"
-    if not cfg.run or not path.is_file():
-        raise UsageError(f"--run={cfg.run} holds no ckpt.pt: give the out_dir of a finished train.py run")
-    ckpt = load_checkpoint(path, "give the out_dir of a finished train.py run")
-    run = Config(**known_settings(ckpt["config"]))
+    if not cfg.run:
+        raise UsageError("--run is missing: give the out_dir of a finished train.py run")
+    run, model = load_run(Path(cfg.run), "give the out_dir of a finished train.py run")
     if run.dataset != "longrange":
         raise UsageError(f"dev/recall.py scores long-range runs, and {cfg.run} trained on {run.dataset}")
-    model = smt.build_model(ckpt["config"], ckpt["meta"]["vocab_size"], smt.METHODS[run.method].teacher)
-    load_weights(model, ckpt["model"], path)
     return run, model.eval()
 
 
@@ -70,10 +65,8 @@ def answer_logits(model, x):
 def scores(logits, x, y):
     """acc per answer byte, whole_acc per answer, and per answer byte on the episodes of each kind of fact (told by
     their first byte: k for keys, I for names, else brackets): key_acc, name_acc, bracket_acc."""
-    kinds = dict(key=x[:, 0] == ord("k"), name=x[:, 0] == ord("I"))
-    kinds["bracket"] = ~(kinds["key"] | kinds["name"])
-    by_kind = {f"{kind}_acc": smt.accuracy(logits[rows], y[rows], whole=False) for kind, rows in kinds.items()}
-    return dict(acc=smt.accuracy(logits, y, whole=False), whole_acc=smt.accuracy(logits, y, whole=True), **by_kind)
+    return dict(acc=smt.accuracy(logits, y, whole=False), whole_acc=smt.accuracy(logits, y, whole=True),
+                **accuracy_by_kind(logits, x, y))
 
 
 @torch.no_grad()

@@ -115,14 +115,16 @@ def lanes_raced(out, suite, key, lanes=("smt+dmt", "bptt")):
 
 
 def test_probes_race_smt_then_dmt_against_bptt(tmp_path):
-    """SMT then DMT train once on short tasks and are scored at every length; BPTT trains at each length."""
+    """SMT then DMT train once on short tasks and are scored at every length; BPTT trains at each length, and its
+    run at the training length is scored at every length too."""
     out = records(tmp_path, "--suite=probes", "--tasks=retrieval", "--lengths=16,24", "--train_len=16",
                   "--budget=5", "--out=runs", "--lanes=smt,bptt")
-    scores = {(r["method"], r["task_len"]): r for r in out if "rnn_acc" in r}
-    assert set(scores) == {(m, L) for m in ("smt+dmt", "bptt") for L in (16, 24)}
-    assert [scores["smt+dmt", L]["trained_len"] for L in (16, 24)] == [16, 16]
-    assert [scores["bptt", L]["trained_len"] for L in (16, 24)] == [16, 24]
+    trained = {(r["method"], r["task_len"], r["trained_len"]): r for r in out if "rnn_acc" in r}
+    assert set(trained) == {("smt+dmt", 16, 16), ("smt+dmt", 24, 16), ("bptt", 16, 16), ("bptt", 24, 16),
+                            ("bptt", 24, 24)}
     runs = tmp_path / "runs"
+    assert trained["bptt", 24, 16]["rnn_acc"] == bench.score_at_length(runs / "retrieval-16-bptt", 24)["rnn_acc"]
+    scores = {(method, L): r for (method, L, length), r in trained.items() if method == "smt+dmt" or L == length}
     assert not (runs / "retrieval-24-smt").exists()  # one SMT run, at the training length
     for (method, L), r in scores.items():
         assert r["suite"] == "probes" and r["task"] == "retrieval" and 0 <= r["rnn_acc"] <= 1 and r["iters"] > 0
@@ -145,25 +147,32 @@ def test_probes_race_smt_then_dmt_against_bptt(tmp_path):
 
 
 def test_text_race(tmp_path, text_file):
-    """All three lanes, two at a time: SMT then DMT, BPTT of the same cell, torch's nn.LSTM by BPTT (its settings as
+    """All three lanes, two at a time: SMT then DMT, BPTT of the same cell, torch's nn.GRU by BPTT (its settings as
     bench.TORCH_RNN says)."""
     out = records(tmp_path, "--suite=text", f"--dataset={text_file}", "--budget=6", "--out=runs")
-    scores = lanes_raced(out, "text", "rnn_bpb", ("smt+dmt", "bptt", "nn.lstm"))
+    scores = lanes_raced(out, "text", "rnn_bpb", ("smt+dmt", "bptt", "nn.gru"))
     runs = tmp_path / "runs"
-    for method, run_dir in (("bptt", "text-bptt"), ("smt+dmt", "text-dmt"), ("nn.lstm", "text-torch")):
+    for method, run_dir in (("bptt", "text-bptt"), ("smt+dmt", "text-dmt"), ("nn.gru", "text-torch")):
         last = json.loads((runs / run_dir / "log.jsonl").read_text().splitlines()[-1])
         assert scores[method]["rnn_bpb"] == last["val_rnn_bpb"]
     # tokens seen: batch 32 of train.py's CPU defaults; BPTT reads 64 tokens a sequence, SMT and DMT 64 + 8
     assert scores["bptt"]["tokens"] == scores["bptt"]["iters"] * 32 * 64
     assert scores["smt+dmt"]["tokens"] == scores["smt+dmt"]["iters"] * 32 * 72
-    assert scores["nn.lstm"]["tokens"] == scores["nn.lstm"]["iters"] * 32 * 128
+    assert scores["nn.gru"]["tokens"] == scores["nn.gru"]["iters"] * 32 * 128
     config = torch.load(runs / "text-torch" / "ckpt.pt", weights_only=True)["config"]
     assert (config["method"], config["cell"], config["readout"], config["mem_tokens"], config["lr"]) == \
-        ("bptt", "nn_lstm", "linear", 8, 1e-2)
+        ("bptt", "nn_gru", "linear", 4, 3e-3)
     assert {Path(r["png"]).name for r in out if "png" in r} == {"text.png", "text-tokens.png"}
     for name in ("text.png", "text-tokens.png"):
         assert png_size(runs / name) == (720, 420)
         assert drawn_colors(runs / name) == {"blue", "red", "green"}  # one curve per lane
+
+
+def test_the_torch_lane_is_named_by_its_cell():
+    lane = bench.Lane("torch", "text", [], {})
+    assert bench.lane_label(bench.BenchConfig(), lane) == "nn.gru"
+    assert bench.lane_label(bench.BenchConfig(torch_args="--cell=nn_lstm --mem_tokens=8"), lane) == "nn.lstm"
+    assert bench.lane_label(bench.BenchConfig(dmt_share=0), bench.Lane("smt", "text", [], {})) == "smt"
 
 
 def drawn_colors(path):

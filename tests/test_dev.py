@@ -123,8 +123,8 @@ def test_recall_scores_a_trained_run_as_train_py_does(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "holds no ckpt.pt"),
-    (["--run=nowhere"], "holds no ckpt.pt"),
+    ([], "--run is missing"),
+    (["--run=nowhere"], "no ckpt.pt in nowhere: give the out_dir"),
     (["--run=nowhere", "--episodes=0"], "--episodes must be positive"),
     (["--run=nowhere", "--lengths=8,x"], "--lengths takes comma-separated gaps"),
     (["--runs=out"], "unknown option --runs; did you mean --run?"),
@@ -139,4 +139,4 @@ def test_help_and_errors_from_the_command_line(tmp_path):
     assert result.returncode == 0 and "python dev/recall.py --run=out/lr --lengths=16,32" in result.stdout
     assert "--episodes=512" in result.stdout
     result = run("dev/recall.py", "--run=nowhere", cwd=tmp_path)
-    assert result.returncode == 2 and result.stderr.startswith("error: --run=nowhere holds no ckpt.pt")
+    assert result.returncode == 2 and result.stderr.startswith("error: no ckpt.pt in nowhere: give the out_dir")
