@@ -413,6 +413,7 @@ class Trainer:
         """Closing words; returns the exit code: 128 + the signal's number if one stopped the run (130 for Ctrl-C,
         as shells expect), else 0."""
         if self.world > 1:
+            dist.barrier()  # no rank tears the group down while another still talks to it (gloo can abort the rank)
             dist.destroy_process_group()
         out = self.out
         if self.bad_in_a_row >= self.cfg.max_bad_steps:
