@@ -170,7 +170,6 @@ class Trainer:
         self.build(ckpt)
         if ckpt is not None and cfg.init_from == "resume":
             self.resume(ckpt)
-        self.loss_fn = self.method.loss
         self.out = Path(cfg.out_dir)
         self.measure_and_compile()
         if self.master:
@@ -179,13 +178,13 @@ class Trainer:
     def measure_and_compile(self):
         """FLOPs of one step for the logged MFU (on CUDA, or against a given --peak_flops; a plain CPU run counts
         none and makes no extra step), then torch.compile on CUDA with a warm-up step, timed apart from training."""
-        cfg, device, L = self.cfg, self.device, train_len(self.cfg)
+        cfg, device, L, loss = self.cfg, self.device, train_len(self.cfg), self.method.loss
         self.peak = smt.peak_flops(cfg.peak_flops, device)
-        self.flops = (smt.step_flops(self.model, self.loss_fn, cfg, self.meta["vocab_size"], L, device, self.autocast)
+        self.flops = (smt.step_flops(self.model, loss, cfg, self.meta["vocab_size"], L, device, self.autocast)
                       if device.type == "cuda" or self.peak else 0)
         if cfg.compile and device.type == "cuda":
             self.model.compile_parts()
-            seconds = warm_up(self.model, self.loss_fn, cfg, self.batches, L, device, self.autocast)
+            seconds = warm_up(self.model, loss, cfg, self.batches, L, device, self.autocast)
             if self.master:
                 print(f"compiled in {seconds:.1f}s (a warm-up step, not counted as training time)", flush=True)
 
@@ -334,7 +333,7 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             x, y = self.batches.get("train", seq_len=L)
             with self.autocast:
-                loss, stats = self.loss_fn(self.model, x, y, cfg)
+                loss, stats = self.method.loss(self.model, x, y, cfg)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
             for k, v in stats.items():
